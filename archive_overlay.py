@@ -1,0 +1,1376 @@
+"""archive_overlay: an OCI poststop hook that archives overlay upperdirs.
+
+When a container stops, the runtime (runc, crun) or the engine (podman) runs
+this hook with the container's OCI state JSON on stdin.  The hook reads the
+bundle's config.json, finds the overlay mounts named by annotations
+``com.launchplatform.oci-hooks.archive-overlay.<NAME>.<arg>``, and archives
+each mount's upperdir (the container's changes) to a path on the host, as a
+directory copy or a tar stream.
+
+The module reads top to bottom: inputs (state, config, annotations), finding
+upperdirs, walking an upperdir, the destination (safe and atomic), the
+writers, then the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import grp
+import hashlib
+import json
+import os
+import posixpath
+import pwd
+import secrets
+import shutil
+import signal
+import stat
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from typing import BinaryIO, Callable, NoReturn
+
+import click
+import structlog
+
+__version__ = "3.0.0"
+
+ANNOTATION_PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
+ARGS = ("mount-point", "archive-to", "success", "method", "tar-content-owner", "compression-level")
+DEFAULT_MOUNT_PROGRAM = "/usr/bin/fuse-overlayfs"
+
+EXIT_OK, EXIT_ARCHIVE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+log = structlog.get_logger()
+
+
+class InputError(Exception):
+    """The hook's input is unusable: exit status 2."""
+
+
+class ArchiveError(Exception):
+    """One archive cannot be written: it fails, the others go on."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a runtime's hook timeout): stop, clean up, exit."""
+
+
+# ---------------------------------------------------------------------------
+# Logging: structlog, one logfmt line per event, to stderr and optionally a
+# log file and syslog.  The Go hook's level names are accepted.
+# ---------------------------------------------------------------------------
+
+LOG_LEVELS = {
+    "trace": 5,
+    "debug": 10,
+    "info": 20,
+    "warn": 30,
+    "warning": 30,
+    "error": 40,
+    "fatal": 50,
+    "panic": 50,
+}
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+class LogSink:
+    """structlog's logger: writes each rendered line to every destination."""
+
+    def __init__(self, files: list, use_syslog: bool) -> None:
+        self.files = files
+        self.syslog = None
+        if use_syslog:
+            import syslog  # only where asked: the module opens a socket lazily
+
+            syslog.openlog("archive_overlay", syslog.LOG_PID, syslog.LOG_DAEMON)
+            self.syslog = syslog
+
+    def _write(self, method: str, line: str) -> None:
+        for f in self.files:
+            with contextlib.suppress(OSError, ValueError):
+                f.write(line + "\n")
+                f.flush()
+        if self.syslog is not None:
+            self.syslog.syslog(SYSLOG_PRIORITY.get(method, 6), line)
+
+    def __getattr__(self, method: str) -> Callable[[str], None]:
+        return lambda line: self._write(method, line)
+
+
+def configure_logging(level: str, use_syslog: bool, log_file: str | None) -> None:
+    files: list = [sys.stderr]
+    problems = []
+    if log_file:
+        try:
+            files.append(open(log_file, "a", encoding="utf-8", errors="backslashreplace"))  # noqa: SIM115 - open for the whole run
+        except OSError as exc:
+            problems.append(("cannot open log file", {"path": log_file, "error": describe(exc)}))
+    if use_syslog and not is_socket("/dev/log"):
+        problems.append(("no syslog socket at /dev/log: logging to stderr only", {}))
+        use_syslog = False
+    sink = LogSink(files, use_syslog)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.LogfmtRenderer(
+                key_order=["timestamp", "level", "event"], drop_missing=True
+            ),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(max(LOG_LEVELS[level], 10)),
+        logger_factory=lambda *args: sink,
+        cache_logger_on_first_use=False,
+    )
+    for event, fields in problems:
+        log.warning(event, **fields)
+
+
+def is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line cause for a log record, without a traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {os.fsdecode(exc.filename)}" if exc.filename is not None else ""
+        return f"{exc.strerror}{where}"
+    return str(exc) or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# Inputs: the state JSON, the bundle's config.json, and the annotations.
+# ---------------------------------------------------------------------------
+
+
+def load_json_object(data: bytes, what: str) -> dict:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{what} is not a JSON object")
+    return value
+
+
+def read_state(data: bytes) -> dict:
+    if not data.strip():
+        raise InputError("no OCI state JSON on stdin")
+    state = load_json_object(data, "the OCI state on stdin")
+    bundle = state.get("bundle")
+    if not isinstance(bundle, str) or not bundle:
+        raise InputError("the OCI state has no bundle path")
+    return state
+
+
+def read_config(bundle: str) -> dict:
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the bundle's config.json {path}: {describe(exc)}") from None
+    return load_json_object(data, f"config.json {path}")
+
+
+def string_map(value: object, where: str) -> dict[str, str]:
+    """The string entries of an annotations map; anything else is warned about."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        log.warning("annotations are not a JSON object: ignored", where=where)
+        return {}
+    good = {k: v for k, v in value.items() if isinstance(v, str)}
+    for key in value.keys() - good.keys():
+        log.warning("annotation value is not a string: ignored", where=where, key=key)
+    return good
+
+
+def merged_annotations(state: dict, config: dict) -> dict[str, str]:
+    # runtime-spec says the state carries the config's annotations; podman and
+    # runc do, a hand-written state may not.  The state's win on conflict.
+    annotations = string_map(config.get("annotations"), "config.json")
+    annotations.update(string_map(state.get("annotations"), "state"))
+    return annotations
+
+
+ARCHIVE_METHODS = ("copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+zstd")
+COMPRESSION_LEVELS = {"gzip": range(4), "zstd": range(1, 23)}
+
+
+@dataclass
+class Archive:
+    """One archive asked for by annotations."""
+
+    name: str
+    mount_point: str = ""
+    archive_to: str = ""
+    success: str = ""
+    method: str = "copy"
+    owner: tuple[int, int] | None = None
+    compression_level: int | None = None
+
+    @property
+    def compressor(self) -> str | None:
+        if self.method in ("tar.gz", "oci-layer"):
+            return "gzip"
+        if self.method in ("tar.zst", "oci-layer+zstd"):
+            return "zstd"
+        return None
+
+
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to chown
+
+
+def parse_owner(value: str) -> tuple[int, int] | None:
+    """`UID` or `UID:GID`, decimal integers only; a bare UID means gid 0."""
+    parts = value.split(":")
+    if len(parts) > 2 or not all(p.isascii() and p.isdigit() for p in parts):
+        return None
+    ids = [int(p) for p in parts] + [0]
+    if max(ids) > MAX_ID:
+        return None
+    return ids[0], ids[1]
+
+
+def apply_arg(archive: Archive, arg: str, value: str) -> None:
+    if arg == "mount-point":
+        archive.mount_point = value
+    elif arg == "archive-to":
+        archive.archive_to = value
+    elif arg == "success":
+        archive.success = value
+    elif arg == "method":
+        archive.method = value
+    elif arg == "tar-content-owner":
+        archive.owner = parse_owner(value)
+        if archive.owner is None:
+            log.warning("invalid tar-content-owner ignored", archive=archive.name, value=value)
+    elif arg == "compression-level":
+        try:
+            archive.compression_level = int(value)
+        except ValueError:
+            log.warning("invalid compression-level ignored", archive=archive.name, value=value)
+
+
+def parse_archives(annotations: dict[str, str]) -> list[Archive]:
+    archives: dict[str, Archive] = {}
+    for key in sorted(annotations):
+        if not key.startswith(ANNOTATION_PREFIX):
+            continue
+        value = annotations[key]
+        name, dot, arg = key[len(ANNOTATION_PREFIX) :].partition(".")
+        if not dot or not name or "." in arg:
+            log.warning("annotation is not <prefix><NAME>.<arg>: ignored", key=key)
+            continue
+        if arg not in ARGS:
+            log.warning("unknown archive argument ignored", archive=name, arg=arg)
+            continue
+        apply_arg(archives.setdefault(name, Archive(name)), arg, value)
+    return [a for a in archives.values() if is_complete(a)]
+
+
+def is_complete(archive: Archive) -> bool:
+    if not archive.mount_point or not archive.archive_to:
+        missing = "mount-point" if not archive.mount_point else "archive-to"
+        log.warning("archive skipped: no " + missing, archive=archive.name)
+        return False
+    if archive.method not in ARCHIVE_METHODS:
+        log.warning(
+            "archive skipped: unknown method",
+            archive=archive.name,
+            method=archive.method,
+            known=",".join(ARCHIVE_METHODS),
+        )
+        return False
+    level, compressor = archive.compression_level, archive.compressor
+    if level is not None and (compressor is None or level not in COMPRESSION_LEVELS[compressor]):
+        log.warning(
+            "compression-level out of range for the method: default used",
+            archive=archive.name,
+            method=archive.method,
+            value=level,
+        )
+        archive.compression_level = None
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Finding the upperdir of a mount.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Upper:
+    """An upperdir and the xattr namespaces its overlay keeps markers in."""
+
+    path: str
+    marker_prefixes: tuple[str, ...]  # e.g. ("trusted.overlay.",)
+
+
+def split_options(options: Iterable[str]) -> dict[str, str]:
+    result = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        result.setdefault(key, value)
+    return result
+
+
+def upper_from_options(options: list[str], fuse: bool) -> Upper | None:
+    opts = split_options(options)
+    if not opts.get("upperdir"):
+        return None
+    if fuse:  # fuse-overlayfs falls back to user.fuseoverlayfs.* without CAP_SYS_ADMIN
+        prefixes: tuple[str, ...] = ("trusted.overlay.", "user.fuseoverlayfs.")
+    elif "userxattr" in opts:
+        prefixes = ("user.overlay.",)
+    else:
+        prefixes = ("trusted.overlay.",)
+    return Upper(opts["upperdir"], prefixes)
+
+
+def find_mount(mounts: object, mount_point: str) -> dict:
+    if not isinstance(mounts, list):
+        mounts = []
+    wanted = posixpath.normpath(mount_point)
+    found = [
+        m
+        for m in mounts
+        if isinstance(m, dict)
+        and isinstance(m.get("destination"), str)
+        and posixpath.normpath(m["destination"]) == wanted
+    ]
+    if not found:
+        raise ArchiveError(f"no mount at {mount_point} in config.json")
+    return found[-1]  # a later mount on the same destination hides the earlier ones
+
+
+def mount_program_options(mount_program: str, mount_point: str) -> list[str] | None:
+    """The `-o` options of the live mount-program process serving mount_point."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        argv = process_argv(pid)
+        if not argv or argv[-1] != mount_point or not is_program(pid, argv, mount_program):
+            continue
+        options: list[str] = []
+        for i, arg in enumerate(argv):
+            if arg == "-o" and i + 1 < len(argv):
+                options += argv[i + 1].split(",")
+            elif arg.startswith("-o") and len(arg) > 2:
+                options += arg[2:].split(",")
+        return options
+    return None
+
+
+def process_argv(pid: str) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []  # gone, or not ours to read
+    return [os.fsdecode(a) for a in raw.split(b"\0")[:-1]]  # zombies have an empty cmdline
+
+
+def is_program(pid: str, argv: list[str], program: str) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/exe") == program
+    except OSError:  # another user's process: fall back on what it says it is
+        return argv[0] == program or os.path.basename(argv[0]) == os.path.basename(program)
+
+
+def unescape_mountinfo(field_: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo octal escapes.
+    out, i = [], 0
+    while i < len(field_):
+        if field_[i] == "\\" and field_[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field_[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_[i])
+            i += 1
+    return "".join(out)
+
+
+def native_overlay_options(mount_point: str) -> list[str] | None:
+    """Super options of the overlay mounted at mount_point, from mountinfo."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        fields = line.split(" ")
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        if unescape_mountinfo(fields[4]) == mount_point and fields[sep + 1] == "overlay":
+            found = [unescape_mountinfo(o) for o in fields[sep + 3].split(",")]
+    return found  # the last one is on top
+
+
+def find_upper(mount: dict, mount_program: str) -> Upper:
+    kind, source = mount.get("type"), mount.get("source")
+    options = mount.get("options")
+    options = [o for o in options if isinstance(o, str)] if isinstance(options, list) else []
+    if kind == "overlay":
+        upper = upper_from_options(options, fuse=False)
+        if upper is None:
+            raise ArchiveError("overlay mount has no upperdir (a read-only mount?)")
+        return upper
+    if kind == "bind" and isinstance(source, str):
+        fuse_options = mount_program_options(mount_program, source)
+        if fuse_options is not None:
+            upper = upper_from_options(fuse_options, fuse=True)
+            if upper is None:
+                raise ArchiveError(f"{mount_program} mount {source} has no upperdir (read-only?)")
+            return upper
+        native = native_overlay_options(source)
+        if native is not None:
+            upper = upper_from_options(native, fuse=False)
+            if upper is None:
+                raise ArchiveError(f"overlay mounted at {source} has no upperdir (read-only?)")
+            return upper
+        raise ArchiveError(
+            f"bind source {source} is neither served by a running {mount_program} "
+            "nor an overlay mount"
+        )
+    raise ArchiveError(f"mount type {kind!r} is not overlay (nor a bind of one)")
+
+
+# ---------------------------------------------------------------------------
+# Walking an upperdir: every entry, parents before children, never following
+# a symlink.  Names are bytes: a container may write names that are not UTF-8.
+# ---------------------------------------------------------------------------
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_WHITEOUT = b".wh..wh..opq"
+
+
+@dataclass
+class Entry:
+    rel: bytes  # b"." for the root, else b"dir/name"
+    path: bytes  # where to read it
+    st: os.stat_result
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def is_whiteout(self) -> bool:
+        return stat.S_ISCHR(self.st.st_mode) and self.st.st_rdev == 0
+
+
+def read_xattrs(path: bytes) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        raise
+    values = {}
+    for name in names:
+        try:
+            values[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:  # removed meanwhile
+                raise
+    return values
+
+
+def list_dir(path: bytes, rel_dir: bytes) -> Iterator[Entry]:
+    """A directory's entries, sorted by name: archives of the same tree come out the same."""
+    for name in sorted(os.listdir(path)):
+        child = path + b"/" + name
+        yield Entry(rel_dir + name, child, os.lstat(child), read_xattrs(child))
+
+
+def walk(root: str) -> Iterator[Entry]:
+    """Every entry of the tree at root, depth first, each directory before its children."""
+    top = os.fsencode(root)
+    try:
+        st = os.lstat(top)
+    except OSError as exc:
+        raise ArchiveError(f"cannot read upperdir: {describe(exc)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ArchiveError(f"upperdir {root} is not a directory")
+    yield Entry(b".", top, st, read_xattrs(top))
+    stack = [list_dir(top, b"")]  # an explicit stack: a container may nest dirs deeply
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        yield entry
+        if stat.S_ISDIR(entry.st.st_mode):
+            stack.append(list_dir(entry.path, entry.rel + b"/"))
+
+
+def check_representable(entries: Iterable[Entry], upper: Upper) -> Iterator[Entry]:
+    """Refuse upperdirs whose entries keep their data in the lower layers."""
+    for entry in entries:
+        for name in entry.xattrs:
+            if name.startswith(upper.marker_prefixes) and name.endswith((".redirect", ".metacopy")):
+                raise ArchiveError(
+                    f"{os.fsdecode(entry.rel)} has {name}: the overlay was mounted with "
+                    "redirect_dir or metacopy, so the upperdir alone does not hold the changes"
+                )
+        yield entry
+
+
+def open_source(entry: Entry) -> int:
+    """Open a regular file of the upperdir: never through a symlink, never a FIFO."""
+    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != entry.st.st_size:
+        os.close(fd)
+        raise ArchiveError(f"{os.fsdecode(entry.rel)} changed while being archived")
+    return fd
+
+
+# ---------------------------------------------------------------------------
+# The destination: archive-to and success, checked against --allow-dir, written
+# under a temporary name beside archive-to and renamed into place when whole.
+# ---------------------------------------------------------------------------
+
+TMP_MARK = ".archive_overlay-tmp-"
+AT_FDCWD = -100
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(dir_fd: int, old: str, new: str, flags: int) -> None:
+    if _libc.renameat2(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), new)
+
+
+def syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def check_allowed(path: str, allow_dirs: tuple[str, ...], what: str) -> str:
+    """The real path of an absolute path, refused outside --allow-dir when set."""
+    if not path.startswith("/"):
+        raise ArchiveError(f"{what} {path!r} is not an absolute path")
+    real = os.path.realpath(path)
+    if allow_dirs and not any(
+        real == d or real.startswith(d.rstrip("/") + "/") for d in allow_dirs
+    ):
+        raise ArchiveError(f"{what} {path} is outside the allowed directories")
+    name = posixpath.basename(real)
+    if not name or real == "/":
+        raise ArchiveError(f"{what} {path} names no file")
+    return real
+
+
+def open_dir_nofollow(path: str, create: bool) -> int:
+    """Open an absolute directory one component at a time, never following a symlink.
+
+    The path was resolved already: a symlink found now was put there since, so
+    it is refused instead of followed.
+    """
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in [p for p in path.split("/") if p]:
+            try:
+                next_fd = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                next_fd = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            os.close(fd)
+            fd = next_fd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def remove_at(dir_fd: int, name: str) -> None:
+    st = lstat_at(dir_fd, name)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Destination:
+    """archive-to's parent directory, held open, and a temporary beside it."""
+
+    def __init__(self, archive_to: str, allow_dirs: tuple[str, ...]) -> None:
+        real = check_allowed(archive_to, allow_dirs, "archive-to")
+        self.path = archive_to
+        self.parent, self.name = posixpath.split(real)
+        try:
+            self.dir_fd = open_dir_nofollow(self.parent, create=True)
+        except OSError as exc:
+            raise ArchiveError(
+                f"cannot open the directory of archive-to: {describe(exc)}"
+            ) from None
+        self.tmp_name = f".{self.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        self.lock_fd: int | None = None
+
+    def close(self) -> None:
+        for fd in (self.lock_fd, self.dir_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.lock_fd = None
+
+    def existing(self) -> os.stat_result | None:
+        return lstat_at(self.dir_fd, self.name)
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporaries of earlier runs killed mid-archive (SIGKILL): remove them."""
+        prefix = f".{self.name}{TMP_MARK}"
+        for name in os.listdir(self.dir_fd):
+            if not name.startswith(prefix) or not self._is_stale(name[len(prefix) :], name):
+                continue
+            log.info("removing a stale temporary", path=posixpath.join(self.parent, name))
+            with contextlib.suppress(OSError):
+                remove_at(self.dir_fd, name)
+
+    def _is_stale(self, suffix: str, name: str) -> bool:
+        pid = suffix.partition("-")[0]
+        if not pid.isdigit() or (int(pid) != os.getpid() and pid_alive(int(pid))):
+            return False  # its writer still runs
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _lock(self, fd: int) -> int:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.lock_fd = fd
+        return fd
+
+    def make_temp_dir(self) -> int:
+        os.mkdir(self.tmp_name, 0o700, dir_fd=self.dir_fd)
+        return self._lock(
+            os.open(self.tmp_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=self.dir_fd)
+        )  # fmt: skip
+
+    def make_temp_file(self) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return self._lock(os.open(self.tmp_name, flags, 0o644, dir_fd=self.dir_fd))
+
+    def discard_temp(self) -> None:
+        with contextlib.suppress(OSError):
+            remove_at(self.dir_fd, self.tmp_name)
+
+    def commit(self, is_dir: bool) -> None:
+        """Rename the finished temporary onto archive-to; the old one goes only now."""
+        try:
+            renameat2(self.dir_fd, self.tmp_name, self.name, RENAME_NOREPLACE)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            old = self.existing()
+            if old is None:  # removed meanwhile
+                return self.commit(is_dir)
+            if is_dir and not stat.S_ISDIR(old.st_mode):
+                raise ArchiveError(
+                    f"archive-to {self.path} exists and is not a directory"
+                ) from None
+            if not is_dir and stat.S_ISDIR(old.st_mode):
+                raise ArchiveError(f"archive-to {self.path} exists and is a directory") from None
+            if is_dir:
+                renameat2(self.dir_fd, self.tmp_name, self.name, RENAME_EXCHANGE)
+                self.discard_temp()  # the old tree, now under the temporary name
+            else:
+                os.rename(self.tmp_name, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        os.fsync(self.dir_fd)
+
+    def check_kind(self, is_dir: bool) -> None:
+        """Fail before writing anything if archive-to is of the other kind."""
+        old = self.existing()
+        if old is None:
+            return
+        if is_dir and not stat.S_ISDIR(old.st_mode):
+            raise ArchiveError(f"archive-to {self.path} exists and is not a directory")
+        if not is_dir and stat.S_ISDIR(old.st_mode):
+            raise ArchiveError(f"archive-to {self.path} exists and is a directory")
+
+
+def write_success(path: str, allow_dirs: tuple[str, ...]) -> None:
+    real = check_allowed(path, allow_dirs, "success")
+    parent, name = posixpath.split(real)
+    dir_fd = open_dir_nofollow(parent, create=True)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# ---------------------------------------------------------------------------
+# Writer: copy.  archive-to becomes a directory equal to the upperdir.
+# ---------------------------------------------------------------------------
+
+FICLONE = 0x40049409
+COPY_CHUNK = 1 << 30
+
+
+@dataclass
+class Stats:
+    entries: int = 0
+    bytes: int = 0  # file data read from the upperdir
+    archive_bytes: int = 0  # what the archive file holds (tar methods)
+    descriptor: dict | None = None  # oci-layer: what <archive-to>.json says
+
+
+class XattrWriter:
+    """Sets xattrs on the destination; a namespace it refuses is warned about once."""
+
+    def __init__(self, archive: str) -> None:
+        self.archive = archive
+        self.refused: set[str] = set()
+
+    def set_all(self, target: bytes | int, xattrs: dict[str, bytes]) -> None:
+        for name, value in xattrs.items():
+            try:
+                if isinstance(target, int):
+                    os.setxattr(target, name, value)
+                else:
+                    os.setxattr(target, name, value, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                namespace = name.partition(".")[0]
+                if namespace not in self.refused:
+                    self.refused.add(namespace)
+                    log.warning(
+                        "destination refuses xattrs: not kept",
+                        archive=self.archive,
+                        namespace=namespace,
+                        error=describe(exc),
+                    )
+
+
+def copy_data(src: int, dst: int, size: int, can_clone: list[bool]) -> None:
+    """Kernel-side copy: a reflink where the filesystem has them, else copy_file_range."""
+    if can_clone[0]:
+        try:
+            fcntl.ioctl(dst, FICLONE, src)
+            return
+        except OSError:
+            can_clone[0] = False  # not on this filesystem pair: do not ask again
+    copied = 0
+    try:
+        while copied < size:
+            n = os.copy_file_range(src, dst, min(size - copied, COPY_CHUNK))
+            if n == 0:
+                raise ArchiveError("file shrank while being archived")
+            copied += n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        while copied < size:
+            n = os.sendfile(dst, src, copied, min(size - copied, COPY_CHUNK))
+            if n == 0:
+                raise ArchiveError("file shrank while being archived") from None
+            copied += n
+
+
+def set_metadata(path: bytes, st: os.stat_result, xattrs: dict[str, bytes], xw: XattrWriter,
+                 fd: int | None = None) -> None:  # fmt: skip
+    """Owner, then mode (chown clears setuid), then xattrs (chown clears capabilities), then times."""
+    target: bytes | int = fd if fd is not None else path
+    is_link = stat.S_ISLNK(st.st_mode)
+    os.chown(target, st.st_uid, st.st_gid, follow_symlinks=fd is not None)
+    if not is_link:
+        os.chmod(target, stat.S_IMODE(st.st_mode))
+    xw.set_all(target, xattrs)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=not is_link)
+
+
+def write_copy(entries: Iterable[Entry], root_fd: int, archive: Archive) -> Stats:
+    base = f"/proc/self/fd/{root_fd}/".encode()
+    xw = XattrWriter(archive.name)
+    links: dict[tuple[int, int], bytes] = {}
+    dirs: list[tuple[bytes, Entry]] = []
+    can_clone = [True]
+    stats = Stats()
+    for entry in entries:
+        st, dst = entry.st, base + entry.rel
+        stats.entries += 1
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            if entry.rel != b".":
+                os.mkdir(dst, 0o700)
+            dirs.append((dst, entry))
+            continue
+        if stat.S_ISSOCK(mode):
+            log.warning("socket skipped", archive=archive.name, path=os.fsdecode(entry.path))
+            continue
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and not entry.is_whiteout:
+            if key in links:
+                os.link(links[key], dst, follow_symlinks=False)
+                continue
+            links[key] = dst
+        if stat.S_ISREG(mode):
+            copy_file(entry, dst, xw, can_clone)
+            stats.bytes += st.st_size
+            continue
+        if stat.S_ISLNK(mode):
+            os.symlink(os.readlink(entry.path), dst)
+        elif stat.S_ISFIFO(mode):
+            os.mkfifo(dst, 0o600)
+        else:  # character and block devices, whiteouts among them
+            os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+        set_metadata(dst, st, entry.xattrs, xw)
+    for dst, entry in reversed(dirs):  # children first: creating them changes a dir's mtime
+        set_metadata(dst, entry.st, entry.xattrs, xw)
+    return stats
+
+
+def copy_file(entry: Entry, dst: bytes, xw: XattrWriter, can_clone: list[bool]) -> None:
+    src_fd = open_source(entry)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        dst_fd = os.open(dst, flags, 0o600)
+        try:
+            if entry.st.st_size:
+                copy_data(src_fd, dst_fd, entry.st.st_size, can_clone)
+            set_metadata(dst, entry.st, entry.xattrs, xw, fd=dst_fd)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+
+
+# ---------------------------------------------------------------------------
+# Writers: tar, tar.gz, tar.zst.  ustar headers with PAX extensions (as GNU tar
+# reads them: no hdrcharset), file
+# data streamed (kernel-side for plain tar), compression in threads.
+# ---------------------------------------------------------------------------
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # tar's default record: readers expect archives padded to it
+READ_CHUNK = 1 << 20
+DEFAULT_LEVELS = {"gzip": 2, "zstd": 3}
+
+
+TYPEFLAGS = {
+    stat.S_IFREG: b"0",
+    stat.S_IFLNK: b"2",
+    stat.S_IFCHR: b"3",
+    stat.S_IFBLK: b"4",
+    stat.S_IFDIR: b"5",
+    stat.S_IFIFO: b"6",
+}
+HARDLINK = b"1"
+PAX_HEADER = b"x"
+
+
+def octal(value: int, width: int) -> bytes | None:
+    """A ustar number field: zero-padded octal and a NUL, or None if it does not fit."""
+    if value < 0:
+        return None
+    digits = b"%0*o" % (width - 1, value)
+    return digits + b"\0" if len(digits) < width else None
+
+
+def pax_record(key: str, value: bytes) -> bytes:
+    body = b" " + key.encode() + b"=" + value + b"\n"
+    length = len(body) + len(str(len(body)))
+    length = len(body) + len(str(length))  # the length counts its own digits
+    return b"%d" % length + body
+
+
+def ustar_block(name: bytes, fields: dict[str, int], typeflag: bytes, linkname: bytes,
+                uname: bytes, gname: bytes) -> bytes:  # fmt: skip
+    """One 512-byte ustar header; fields that did not fit were put in a PAX header."""
+    numbers = {k: octal(v, w) or octal(0, w) for k, v, w in (
+        ("mode", fields["mode"], 8), ("uid", fields["uid"], 8), ("gid", fields["gid"], 8),
+        ("size", fields["size"], 12), ("mtime", fields["mtime"], 12),
+        ("devmajor", fields["devmajor"], 8), ("devminor", fields["devminor"], 8),
+    )}  # fmt: skip
+    header = b"".join((
+        name[:100].ljust(100, b"\0"), numbers["mode"], numbers["uid"], numbers["gid"],
+        numbers["size"], numbers["mtime"], b" " * 8, typeflag, linkname[:100].ljust(100, b"\0"),
+        b"ustar\x0000", uname[:32].ljust(32, b"\0"), gname[:32].ljust(32, b"\0"),
+        numbers["devmajor"], numbers["devminor"],
+    )).ljust(BLOCK, b"\0")  # fmt: skip
+    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
+
+
+def member_name(entry: Entry) -> bytes:
+    if entry.rel == b".":
+        return b"./"
+    return b"./" + entry.rel + (b"/" if stat.S_ISDIR(entry.st.st_mode) else b"")
+
+
+def tar_header(entry: Entry, owner: tuple[int, int] | None, link_to: bytes | None) -> bytes:
+    """The header blocks of one member: a PAX header first where ustar cannot hold it all."""
+    st = entry.st
+    name = member_name(entry)
+    if link_to is not None:
+        typeflag, linkname, size = HARDLINK, link_to, 0
+    else:
+        typeflag = TYPEFLAGS[stat.S_IFMT(st.st_mode)]
+        linkname = os.readlink(entry.path) if typeflag == b"2" else b""
+        size = st.st_size if typeflag == b"0" else 0
+    if owner is None:
+        uid, gid = st.st_uid, st.st_gid
+        uname, gname = user_name(uid), group_name(gid)
+    else:
+        (uid, gid), uname, gname = owner, b"", b""
+    seconds, nanos = divmod(st.st_mtime_ns, 1_000_000_000)
+    is_device = typeflag in (b"3", b"4")
+    fields = {
+        "mode": stat.S_IMODE(st.st_mode), "uid": uid, "gid": gid, "size": size, "mtime": seconds,
+        "devmajor": os.major(st.st_rdev) if is_device else 0,
+        "devminor": os.minor(st.st_rdev) if is_device else 0,
+    }  # fmt: skip
+    records = []
+    if len(name) > 100:
+        records.append(pax_record("path", name))
+    if len(linkname) > 100:
+        records.append(pax_record("linkpath", linkname))
+    for key, width in (("uid", 8), ("gid", 8), ("size", 12)):
+        if octal(fields[key], width) is None:
+            records.append(pax_record(key, b"%d" % fields[key]))
+    if nanos or octal(seconds, 12) is None:
+        records.append(pax_record("mtime", b"%d.%09d" % (seconds, nanos)))
+    for key, value in (("uname", uname), ("gname", gname)):
+        if len(value) > 32:
+            records.append(pax_record(key, value))
+    records += [pax_record("SCHILY.xattr." + k, v) for k, v in entry.xattrs.items()]
+    block = ustar_block(name, fields, typeflag, linkname, uname, gname)
+    if not records:
+        return block
+    data = b"".join(records)
+    pax_name = b"./PaxHeaders/" + name.rstrip(b"/").rpartition(b"/")[2][:80]
+    pax_fields = dict(fields, mode=0o644, size=len(data), devmajor=0, devminor=0)
+    pax = ustar_block(pax_name, pax_fields, PAX_HEADER, b"", b"", b"")
+    return pax + data + bytes(-len(data) % BLOCK) + block
+
+
+@cache
+def user_name(uid: int) -> bytes:
+    try:
+        return pwd.getpwuid(uid).pw_name.encode()
+    except (KeyError, OverflowError):
+        return b""
+
+
+@cache
+def group_name(gid: int) -> bytes:
+    try:
+        return grp.getgrgid(gid).gr_name.encode()
+    except (KeyError, OverflowError):
+        return b""
+
+
+class OutputFile:
+    """The archive file as a compressor sees it: counts what it gets, hashes it if asked."""
+
+    def __init__(self, fd: int, hashing: bool) -> None:
+        self.fd = fd
+        self.raw = open(fd, "wb", buffering=READ_CHUNK, closefd=False)  # noqa: SIM115
+        self.digest = hashlib.sha256() if hashing else None
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.digest is not None:
+            self.digest.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def copy_from(self, src: int, size: int) -> None:
+        """Kernel-side copy of file data straight into the archive (plain tar)."""
+        self.raw.flush()
+        copy_data(src, self.fd, size, [False])
+        self.size += size
+
+
+class TarSink:
+    """Where tar bytes go: the archive file, or a compressor (in threads) writing to it."""
+
+    def __init__(self, fd: int, archive: Archive, hashing: bool = False) -> None:
+        self.out = OutputFile(fd, hashing)
+        self.stream: BinaryIO | OutputFile = self.out
+        level = archive.compression_level
+        if archive.compressor == "gzip":
+            from isal import igzip_threaded  # imported where used: copy needs neither
+
+            level = DEFAULT_LEVELS["gzip"] if level is None else level
+            self.stream = igzip_threaded.open(self.out, "wb", compresslevel=level, threads=2)
+        elif archive.compressor == "zstd":
+            import zstandard
+
+            level = DEFAULT_LEVELS["zstd"] if level is None else level
+            cctx = zstandard.ZstdCompressor(level=level, threads=-1)
+            self.stream = cctx.stream_writer(self.out, closefd=False)
+        self.written = 0  # uncompressed tar bytes
+        self.tar_digest = hashlib.sha256() if hashing else None
+        self.buffer = bytearray(READ_CHUNK)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.stream.write(data)
+        self.written += len(data)
+        if self.tar_digest is not None:
+            self.tar_digest.update(data)
+
+    def copy_from(self, src: int, size: int) -> None:
+        if self.stream is self.out and self.tar_digest is None:
+            self.out.copy_from(src, size)
+            self.written += size
+            return
+        view = memoryview(self.buffer)
+        left = size
+        while left:
+            n = os.readv(src, [view[: min(left, READ_CHUNK)]])
+            if n == 0:
+                raise ArchiveError("file shrank while being archived")
+            self.write(view[:n])
+            left -= n
+
+    def finish(self) -> None:
+        if self.stream is not self.out:
+            self.stream.close()  # flushes the compressor's last blocks into self.out
+        self.out.flush()
+
+
+class TarWriter:
+    """Writes tar members to a sink."""
+
+    def __init__(self, sink: TarSink) -> None:
+        self.sink = sink
+
+    def add(self, header: bytes, entry: Entry, size: int) -> None:
+        self.sink.write(header)
+        if size:
+            src = open_source(entry)
+            try:
+                self.sink.copy_from(src, size)
+            finally:
+                os.close(src)
+            if size % BLOCK:
+                self.sink.write(bytes(-size % BLOCK))
+
+    def close(self) -> None:
+        self.sink.write(bytes(2 * BLOCK))
+        self.sink.write(bytes(-self.sink.written % RECORD))
+
+
+def tar_members(entries: Iterable[Entry], archive: Archive) -> Iterator[tuple[bytes, Entry, int]]:
+    """(header, entry, data size) of each member; hardlinks as links, whiteouts each their own."""
+    links: dict[tuple[int, int], bytes] = {}
+    for entry in entries:
+        st = entry.st
+        if stat.S_ISSOCK(st.st_mode):
+            log.warning("socket skipped", archive=archive.name, path=os.fsdecode(entry.path))
+            continue
+        link_to = None
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and not entry.is_whiteout:
+            key = (st.st_dev, st.st_ino)
+            link_to = links.get(key)
+            if link_to is None:
+                links[key] = member_name(entry)
+        size = st.st_size if link_to is None and stat.S_ISREG(st.st_mode) else 0
+        yield tar_header(entry, archive.owner, link_to), entry, size
+
+
+def write_tar(entries: Iterable[Entry], fd: int, archive: Archive, hashing: bool = False) -> Stats:
+    sink = TarSink(fd, archive, hashing)
+    writer = TarWriter(sink)
+    stats = Stats()
+    for header, entry, size in tar_members(entries, archive):
+        writer.add(header, entry, size)
+        stats.entries += 1
+        stats.bytes += size
+    writer.close()
+    sink.finish()
+    stats.archive_bytes = sink.out.size
+    if hashing:
+        stats.descriptor = layer_descriptor(sink, archive.compressor or "gzip")
+    return stats
+
+
+# ---------------------------------------------------------------------------
+# Writer: oci-layer.  The upperdir in image-spec's layer encoding: whiteouts as
+# .wh.<name> files, opaque directories with a .wh..wh..opq, overlay xattrs gone.
+# ---------------------------------------------------------------------------
+
+OCI_LAYER_MEDIA_TYPES = {
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+}
+FUSE_OPAQUE_MARKERS = (OPAQUE_WHITEOUT, b".wh..opq")
+
+
+def is_opaque(entry: Entry, upper: Upper) -> bool:
+    return any(entry.xattrs.get(p + "opaque") == b"y" for p in upper.marker_prefixes)
+
+
+def marker_free(xattrs: dict[str, bytes], upper: Upper) -> dict[str, bytes]:
+    return {k: v for k, v in xattrs.items() if not k.startswith(upper.marker_prefixes)}
+
+
+def oci_entries(entries: Iterable[Entry], upper: Upper) -> Iterator[Entry]:
+    """Convert overlay's encoding of changes into image-spec's, each path once."""
+    for entry in entries:
+        parent, _, name = entry.rel.rpartition(b"/")
+        if name in FUSE_OPAQUE_MARKERS:
+            continue  # fuse-overlayfs's own markers: the directory's entry carries opacity
+        st = entry.st
+        if entry.is_whiteout:
+            rel = (parent + b"/" if parent else b"") + WHITEOUT_PREFIX + name
+            yield Entry(rel, entry.path, whiteout_file_stat(st))
+            continue
+        yield Entry(entry.rel, entry.path, st, marker_free(entry.xattrs, upper))
+        if stat.S_ISDIR(st.st_mode) and (is_opaque(entry, upper) or has_opq_file(entry)):
+            rel = b"" if entry.rel == b"." else entry.rel + b"/"
+            yield Entry(rel + OPAQUE_WHITEOUT, entry.path, whiteout_file_stat(st))
+
+
+def has_opq_file(entry: Entry) -> bool:
+    return os.path.lexists(os.path.join(entry.path, OPAQUE_WHITEOUT))
+
+
+def whiteout_file_stat(st: os.stat_result) -> os.stat_result:
+    """An empty regular file's stat, with the owner and times of the marker it replaces."""
+    values = list(st)
+    values[stat.ST_MODE] = stat.S_IFREG | 0o644
+    values[stat.ST_NLINK], values[stat.ST_SIZE] = 1, 0
+    extra = {"st_mtime_ns": st.st_mtime_ns, "st_atime_ns": st.st_atime_ns, "st_rdev": 0}
+    return os.stat_result(values, extra)
+
+
+def layer_descriptor(sink: TarSink, compressor: str) -> dict:
+    assert sink.out.digest is not None and sink.tar_digest is not None
+    return {
+        "mediaType": OCI_LAYER_MEDIA_TYPES[compressor],
+        "size": sink.out.size,
+        "digest": "sha256:" + sink.out.digest.hexdigest(),
+        "diff_id": "sha256:" + sink.tar_digest.hexdigest(),
+    }
+
+
+# ---------------------------------------------------------------------------
+# The command.
+# ---------------------------------------------------------------------------
+
+
+def archive_one(archive: Archive, mounts: object, opts: Options) -> None:
+    started = time.monotonic()
+    upper = find_upper(find_mount(mounts, archive.mount_point), opts.mount_program)
+    if archive.success:
+        check_allowed(archive.success, opts.allow_dirs, "success")
+    dest = Destination(archive.archive_to, opts.allow_dirs)
+    try:
+        dest.remove_stale_temporaries()
+        stats = write_archive(archive, upper, dest)
+    finally:
+        dest.close()
+    if archive.success:
+        write_success(archive.success, opts.allow_dirs)
+    log.info(
+        "archive written",
+        archive=archive.name,
+        mount_point=archive.mount_point,
+        upperdir=upper.path,
+        archive_to=archive.archive_to,
+        method=archive.method,
+        entries=stats.entries,
+        bytes=stats.bytes,
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
+    is_dir = archive.method == "copy"
+    dest.check_kind(is_dir)
+    entries = check_representable(walk(upper.path), upper)
+    try:
+        if is_dir:
+            root_fd = dest.make_temp_dir()
+            stats = write_copy(entries, root_fd, archive)
+            syncfs(root_fd)
+        else:
+            fd = dest.make_temp_file()
+            if archive.method.startswith("oci-layer"):
+                stats = write_tar(oci_entries(entries, upper), fd, archive, hashing=True)
+            else:
+                stats = write_tar(entries, fd, archive)
+            os.fsync(fd)
+        dest.commit(is_dir)
+    except BaseException:
+        dest.discard_temp()
+        raise
+    if stats.descriptor is not None:
+        write_descriptor(dest, stats.descriptor)
+    return stats
+
+
+def write_descriptor(dest: Destination, descriptor: dict) -> None:
+    """<archive-to>.json beside the layer, written whole or not at all."""
+    name, tmp = dest.name + ".json", dest.tmp_name + ".json"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    dir_fd = open_dir_nofollow(dest.parent, create=False)
+    try:
+        fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
+        try:
+            os.write(fd, json.dumps(descriptor, indent=2).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass
+class Options:
+    mount_program: str = DEFAULT_MOUNT_PROGRAM
+    allow_dirs: tuple[str, ...] = ()
+
+
+def run(stdin: bytes, opts: Options) -> int:
+    try:
+        state = read_state(stdin)
+        config = read_config(state["bundle"])
+    except InputError as exc:
+        log.error("unusable input", error=str(exc))
+        return EXIT_BAD_INPUT
+    archives = parse_archives(merged_annotations(state, config))
+    if not archives:
+        log.info("no archive asked for", container=state.get("id"))
+        return EXIT_OK
+    failed = 0
+    for archive in archives:  # every archive is attempted, whatever the others did
+        try:
+            archive_one(archive, config.get("mounts"), opts)
+        except Exception as exc:  # noqa: BLE001 - one failure must not stop the others
+            failed += 1
+            log.error(
+                "archive failed",
+                archive=archive.name,
+                mount_point=archive.mount_point,
+                archive_to=archive.archive_to,
+                error=describe(exc),
+            )
+    return EXIT_ARCHIVE_FAILED if failed else EXIT_OK
+
+
+def on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise Terminated()
+
+
+HELP = f"""OCI poststop hook: archive the upperdir of a container's overlay mounts.
+
+\b
+Reads the OCI state JSON on stdin, then <bundle>/config.json. Each archive is
+named by annotations {ANNOTATION_PREFIX}<NAME>.<arg>:
+\b
+  mount-point        (required) the mount's destination in the container, e.g. /data
+  archive-to         (required) absolute host path to write the archive to
+  success            file created (empty) once the archive is complete
+  method             copy (default, a directory) | tar | tar.gz | tar.zst |
+                     oci-layer | oci-layer+zstd (an OCI image layer + <archive-to>.json)
+  tar-content-owner  UID or UID:GID written as the owner of every tar entry
+  compression-level  gzip: 0-3 (default 2), zstd: 1-22 (default 3)
+\b
+Exit status: 0 all archives written (or none asked for), 1 an archive failed,
+2 unusable input.
+"""
+
+
+@click.command(help=HELP, context_settings={"help_option_names": ["--help", "-h"]})
+@click.option(
+    "--log-level",
+    type=click.Choice(list(LOG_LEVELS), case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Log messages at this level and above.",
+)
+@click.option("--syslog", "use_syslog", is_flag=True, help="Also send log records to syslog.")
+@click.option(
+    "--log-file",
+    type=str,
+    default=None,
+    help="Also append log records to this file (an engine may drop a hook's stderr).",
+)
+@click.option(
+    "--mount-program",
+    default=DEFAULT_MOUNT_PROGRAM,
+    show_default=True,
+    help="The overlay mount program (fuse-overlayfs) whose processes serve bind mounts.",
+)
+@click.option(
+    "--allow-dir",
+    "allow_dirs",
+    multiple=True,
+    help="Write archives and success files only inside this directory (repeatable).",
+)
+@click.version_option(__version__, prog_name="archive_overlay")
+def main(log_level: str, use_syslog: bool, log_file: str | None, mount_program: str,
+         allow_dirs: tuple[str, ...]) -> None:  # fmt: skip
+    configure_logging(log_level.lower(), use_syslog, log_file)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    opts = Options(mount_program, tuple(os.path.realpath(d) for d in allow_dirs))
+    log.debug("run archive_overlay", version=__version__, pid=os.getpid())
+    try:
+        status = run(sys.stdin.buffer.read(), opts)
+    except Terminated:
+        log.error("terminated by SIGTERM: temporaries removed, nothing half-written")
+        status = EXIT_ARCHIVE_FAILED
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,629 @@
+#!/usr/bin/env python3
+"""Benchmark the installed archive_overlay hook against cp / GNU tar / pigz / zstd.
+
+Not part of the test suite. Must run as root (whiteouts are char devices made
+with mknod, the opaque dir needs a trusted.* xattr, the --xfs mode mounts a
+loop device). Uses only the standard library; run it with any python >= 3.9,
+e.g. the test venv's:
+
+    sudo /opt/archive_overlay-test/bin/python bench/bench.py              # ~1 GiB tree
+    sudo /opt/archive_overlay-test/bin/python bench/bench.py --size-mb 200 --rounds 1
+    sudo /opt/archive_overlay-test/bin/python bench/bench.py --small-files 50000
+    sudo /opt/archive_overlay-test/bin/python bench/bench.py --xfs
+
+It builds a deterministic (seeded) fixture shaped like a container's data
+upperdir, caches it under --workdir, warms the page cache, then runs every
+tool on it, alternating, for --rounds rounds, and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
+ARCHIVE_NAME = "bench"
+HOOK_METHODS = ("copy", "tar", "tar.gz", "tar.zst")
+FIXTURE_VERSION = 1  # bump when the generator changes, to rebuild cached fixtures
+MIB = 1 << 20
+SEGMENT = MIB  # medium and large files are written in segments of mixed content
+
+# Standard tools, each the counterpart of one hook method. {src} is the fixture
+# (upperdir), {out} the output path. GNU tar's defaults are kept (gnu format, no
+# --xattrs): that is what people time, even though the hook writes PAX + xattrs.
+STANDARD_TOOLS = {
+    "cp -a": ("copy", "cp -a {src} {out}"),
+    "tar -cf": ("tar", "tar -C {src} -cf {out} ."),
+    "tar -czf": ("tar.gz", "tar -C {src} -czf {out} ."),
+    "tar | pigz -6": ("tar.gz", "tar -C {src} -cf - . | pigz -6 > {out}"),
+    "tar | zstd -T0": ("tar.zst", "tar -C {src} -cf - . | zstd -q -T0 > {out}"),
+}
+XFS_TOOLS = {
+    "cp -a": ("copy", "cp -a {src} {out}"),  # coreutils >= 9 reflinks by default
+    "cp -a --reflink=never": ("copy", "cp -a --reflink=never {src} {out}"),
+}
+GZIP6_REFERENCE = "tar -czf"  # the "gzip -6" size the other outputs are compared with
+
+# ---------------------------------------------------------------------------
+# Fixture
+
+
+_VOCABULARY = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her she there been one all we their has would when if so no will "
+    "container image layer overlay volume data archive request response error warning info debug "
+    "user session token timeout retry connection database index query table column row value "
+    "http https GET POST PUT DELETE status latency bytes duration service worker queue message"
+)
+WORDS = _VOCABULARY.split()
+
+
+class Content:
+    """Seeded file content: ~45% log-like text (gzip -6: ~0.3), ~45% random, ~10% zeros.
+
+    Together gzip -6 shrinks it to ~0.6, like a typical data volume.
+    """
+
+    def __init__(self, rng: random.Random, pool_size: int = 16 * MIB) -> None:
+        self.rng = rng
+        self.pool = self._text(pool_size)
+
+    def _text(self, size: int) -> bytes:
+        rng, lines, n = self.rng, [], 0
+        t = rng.randrange(1_600_000_000, 1_700_000_000)
+        while n < size:
+            t += rng.randrange(5)
+            words = " ".join(rng.choices(WORDS, k=rng.randrange(4, 16)))
+            line = (
+                f"ts={t}.{rng.randrange(1000):03d} level={rng.choice(('info', 'debug', 'warn'))} "
+                f'req={rng.getrandbits(32):08x} msg="{words}" n={rng.randrange(100000)}\n'
+            )
+            lines.append(line)
+            n += len(line)
+        return "".join(lines).encode()[:size]
+
+    def chunk(self, n: int) -> bytes:
+        kind = self.rng.random()
+        if kind < 0.45:
+            off = self.rng.randrange(len(self.pool) - n + 1)
+            return self.pool[off : off + n]
+        if kind < 0.90:
+            return self.rng.randbytes(n)
+        return bytes(n)
+
+
+@dataclass
+class Fixture:
+    root: Path  # holds upper/ (the tree), lower/ and work/ (empty, for the mount options)
+    entries: int = 0  # files, dirs, links, ... in upper, including upper itself
+    data_bytes: int = 0  # sum of regular file sizes (hardlinked data counted once)
+
+    @property
+    def upper(self) -> Path:
+        return self.root / "upper"
+
+    @property
+    def stamp(self) -> Path:
+        return self.root / "fixture.json"
+
+
+def _write_file(path: Path, content: Content, size: int, mode: int = 0o644) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, SEGMENT)
+            f.write(content.chunk(n))
+            left -= n
+    os.chmod(path, mode)
+
+
+def build_data_fixture(root: Path, size_mb: int, seed: int) -> None:
+    """A data upperdir: ~20k small files, ~200 medium, 4 large at 1 GiB (scaled by size)."""
+    rng = random.Random(seed)
+    content = Content(rng)
+    upper = root / "upper"
+    total = size_mb * MIB
+    scale = size_mb / 1024
+    n_small, n_medium = max(1, round(20000 * scale)), max(1, round(200 * scale))
+    small_files: list[Path] = []
+    written = 0
+
+    for i in range(n_small):  # 0-16 KiB, 40 per directory, 3 levels deep
+        d = upper / "srv" / f"app{i // 2000:02d}" / f"d{i // 40:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        size = rng.randrange(16 * 1024 + 1)
+        mode = rng.choice((0o644, 0o644, 0o644, 0o600, 0o755))
+        path = d / f"f{i:05d}.{rng.choice(('log', 'json', 'txt', 'dat'))}"
+        _write_file(path, content, size, mode)
+        small_files.append(path)
+        written += size
+    medium = upper / "var" / "lib" / "db"
+    medium.mkdir(parents=True)
+    medium_files = []
+    for i in range(n_medium):  # ~1 MiB
+        size = rng.randrange(MIB // 2, 3 * MIB // 2)
+        path = medium / f"segment-{i:04d}.db"
+        _write_file(path, content, size)
+        medium_files.append(path)
+        written += size
+    large = upper / "var" / "lib" / "blobs"
+    large.mkdir(parents=True)
+    large_size = max(MIB, (total - written) // 4)
+    for i in range(4):  # ~150 MiB each at the default size
+        _write_file(large / f"blob-{i}.bin", content, large_size)
+
+    # Hardlinks (1% of the small files, 2 medium), symlinks, whiteouts, an opaque dir.
+    links = upper / "links"
+    links.mkdir()
+    for i, src in enumerate(rng.sample(small_files, max(1, len(small_files) // 100))):
+        os.link(src, links / f"hard-{i:04d}")
+    for i, src in enumerate(medium_files[:2]):
+        os.link(src, links / f"hard-medium-{i}")
+    for i in range(300):
+        target = rng.choice(small_files).relative_to(upper)
+        if i % 3 == 0:
+            target = Path("/", target)  # absolute, as inside the container
+        elif i % 3 == 1:
+            target = Path("..", target)
+        else:
+            target = Path("../does-not-exist", f"x{i}")  # dangling
+        os.symlink(target, links / f"sym-{i:03d}")
+    for i in range(8):  # whiteouts: files and dirs deleted from the image
+        d = upper / "srv" / f"app{i % 2:02d}"
+        os.mknod(d / f"deleted-{i}", stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    opaque = upper / "etc" / "app"
+    opaque.mkdir(parents=True)
+    os.setxattr(opaque, "trusted.overlay.opaque", b"y")
+    for i in range(20):
+        _write_file(opaque / f"conf-{i}.ini", content, rng.randrange(4096))
+    os.setxattr(upper / "var" / "lib" / "db", "user.comment", b"bench fixture")
+    (upper / "srv" / "empty").mkdir()
+    os.mkfifo(upper / "srv" / "fifo")
+    for i, path in enumerate(small_files[::10]):  # some files owned by a non-root user
+        os.chown(path, 1000, 1000)
+    _fix_times(upper)
+
+
+def build_small_files_fixture(root: Path, count: int) -> None:
+    """count empty files, 1000 per directory: measures per-entry overhead."""
+    upper = root / "upper"
+    for i in range(count):
+        d = upper / f"d{i // 1000:03d}"
+        if i % 1000 == 0:
+            d.mkdir(parents=True)
+        (d / f"f{i:06d}").touch()
+    _fix_times(upper)
+
+
+def _fix_times(upper: Path) -> None:
+    """Deterministic mtimes (ns), bottom-up so directory times stick."""
+    t = 1_700_000_000_123_456_789
+    for dirpath, dirnames, filenames in os.walk(upper, topdown=False):
+        for name in sorted(filenames + dirnames):
+            os.utime(os.path.join(dirpath, name), ns=(t, t), follow_symlinks=False)
+            t += 1_000_003
+        os.utime(dirpath, ns=(t, t))
+
+
+def count_tree(top: Path) -> tuple[int, int]:
+    """(entries including top, bytes of regular files with hardlinks counted once)."""
+    entries, size, seen = 1, 0, set()
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            entries += 1
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                size += st.st_size
+    return entries, size
+
+
+def ensure_fixture(root: Path, params: dict) -> Fixture:
+    """Build the fixture under root, or reuse it if it was built with the same params."""
+    fx = Fixture(root)
+    params = dict(params, version=FIXTURE_VERSION)
+    if fx.stamp.exists():
+        saved = json.loads(fx.stamp.read_text())
+        if saved.get("params") == params:
+            fx.entries, fx.data_bytes = saved["entries"], saved["data_bytes"]
+            return fx
+    if root.exists():
+        shutil.rmtree(root)
+    for d in ("upper", "lower", "work"):
+        (root / d).mkdir(parents=True)
+    log(f"building fixture {root} {params} ...")
+    t0 = time.monotonic()
+    if params["kind"] == "small-files":
+        build_small_files_fixture(root, params["count"])
+    else:
+        build_data_fixture(root, params["size_mb"], params["seed"])
+    fx.entries, fx.data_bytes = count_tree(fx.upper)
+    info = {"params": params, "entries": fx.entries, "data_bytes": fx.data_bytes}
+    fx.stamp.write_text(json.dumps(info))
+    log(
+        f"fixture built in {time.monotonic() - t0:.0f}s: {fx.entries} entries, "
+        f"{fx.data_bytes / 1e6:.0f} MB"
+    )
+    return fx
+
+
+def warm_cache(top: Path) -> None:
+    """One untimed read of every file, so all tools start from a warm page cache."""
+    for dirpath, _, filenames in os.walk(top):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                with open(path, "rb") as f:
+                    while f.read(4 * MIB):
+                        pass
+
+
+# ---------------------------------------------------------------------------
+# Running and measuring
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float  # user + system seconds of the whole child tree
+    maxrss_kib: int  # largest single process of the child tree (getrusage semantics)
+    out_bytes: int
+
+
+@dataclass
+class Tool:
+    name: str
+    method: str  # the hook method it stands for
+    hook: bool
+    argv: list[str] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    error: str = ""
+
+    def median(self, attr: str) -> float:
+        values = sorted(getattr(s, attr) for s in self.samples)
+        return values[len(values) // 2]
+
+
+def run_measured(argv: list[str], stdin: bytes | None, env: dict | None) -> tuple:
+    """Run argv; return (returncode, stderr, wall s, cpu s, maxrss KiB) via wait4.
+
+    wait4's rusage covers the child and every descendant it waited for (a shell
+    pipeline's tar and pigz, tar's gzip), so maxrss is the largest process of
+    the tree and cpu is the whole tree's.
+    """
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env
+        )
+        if stdin:
+            proc.stdin.write(stdin)
+        proc.stdin.close()
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    return proc.returncode, stderr, wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss
+
+
+def output_size(path: Path) -> int:
+    if path.is_dir():
+        return count_tree(path)[1]
+    return path.stat().st_size if path.exists() else 0
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def hook_stdin(scratch: Path, fx: Fixture, method: str, out: Path) -> bytes:
+    """Write a bundle whose config.json names the fixture as /data's upperdir; return the state."""
+    bundle = scratch / f"bundle-{method}"
+    bundle.mkdir(exist_ok=True)
+    annotations = {
+        f"{PREFIX}{ARCHIVE_NAME}.mount-point": "/data",
+        f"{PREFIX}{ARCHIVE_NAME}.archive-to": str(out),
+        f"{PREFIX}{ARCHIVE_NAME}.method": method,
+    }
+    mount = {
+        "destination": "/data",
+        "type": "overlay",
+        "source": str(scratch / "merged-not-mounted"),
+        "options": [
+            f"lowerdir={fx.root / 'lower'}",
+            f"upperdir={fx.upper}",
+            f"workdir={fx.root / 'work'}",
+            "private",
+        ],
+    }
+    config = {"ociVersion": "1.0.2", "mounts": [mount], "annotations": annotations}
+    (bundle / "config.json").write_text(json.dumps(config))
+    state = {
+        "ociVersion": "1.0.2",
+        "id": f"bench-{method}",
+        "status": "stopped",
+        "pid": 0,
+        "bundle": str(bundle),
+    }
+    return json.dumps(state).encode()
+
+
+def output_path(scratch: Path, tool: Tool) -> Path:
+    suffix = "" if tool.method == "copy" else "." + tool.method
+    slug = "".join(c if c.isalnum() else "-" for c in tool.name).strip("-")
+    return scratch / f"out-{slug}{suffix}"
+
+
+def run_tool(tool: Tool, fx: Fixture, scratch: Path, hook_args: list[str], check: bool) -> None:
+    out = output_path(scratch, tool)
+    remove(out)
+    if tool.hook:
+        stdin = hook_stdin(scratch, fx, tool.method, out)
+        tool.argv = [*hook_args]
+        env: dict | None = {}  # engines run hooks with an empty environment
+    else:
+        template = (STANDARD_TOOLS | XFS_TOOLS)[tool.name][1]
+        cmd = template.format(src=shlex.quote(str(fx.upper)), out=shlex.quote(str(out)))
+        tool.argv = ["sh", "-c", cmd]
+        stdin, env = None, None
+    os.sync()  # start every run without dirty pages of the previous one
+    rc, stderr, wall, cpu, rss = run_measured(tool.argv, stdin, env)
+    if rc != 0 or not out.exists():
+        tool.error = f"exit {rc}: {stderr.strip()[-2000:] or '(no stderr)'}"
+        log(f"{tool.name} FAILED: {tool.error}")
+        remove(out)
+        return
+    size = output_size(out)
+    if check:
+        problem = check_output(tool, fx, out)
+        if problem:
+            tool.error = problem
+            log(f"{tool.name}: {problem}")
+    tool.samples.append(Sample(wall, cpu, rss, size))
+    log(f"{tool.name}: {wall:.2f}s cpu {cpu:.2f}s rss {rss // 1024} MiB out {size / 1e6:.1f} MB")
+    remove(out)
+
+
+def check_output(tool: Tool, fx: Fixture, out: Path) -> str:
+    """Cheap sanity check (untimed, first round): entry count and data bytes."""
+    if tool.method == "copy":
+        entries, size = count_tree(out)
+        if (entries, size) != (fx.entries, fx.data_bytes):
+            return (
+                f"copy has {entries} entries / {size} bytes, fixture {fx.entries} / {fx.data_bytes}"
+            )
+        return ""
+    decompress = {"tar": "cat", "tar.gz": "gzip -dc", "tar.zst": "zstd -dcq"}[tool.method]
+    cmd = f"{decompress} {shlex.quote(str(out))} | tar -tf - | wc -l"
+    r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, check=False)
+    listed = int(r.stdout.strip() or 0)
+    if listed != fx.entries:
+        return f"archive lists {listed} entries, fixture has {fx.entries}: {r.stderr.strip()}"
+    return ""
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def fmt_size(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def print_tables(tools: list[Tool], fx: Fixture, title: str, per_entry: bool) -> None:
+    print(f"\n### {title}\n")
+    print(
+        f"upperdir: {fx.entries} entries, {fx.data_bytes / 1e6:.0f} MB of file data; "
+        f"{os.cpu_count()} CPUs; median of {max(len(t.samples) for t in tools)} round(s)\n"
+    )
+    ref = next((t for t in tools if t.name == GZIP6_REFERENCE and t.samples), None)
+    ref_size = ref.median("out_bytes") if ref else None
+    rate = "µs/entry | entries/s" if per_entry else "MB/s"
+    print(
+        f"| tool | median wall s | {rate} | CPU s | output MB | output / gzip -6 | peak RSS MiB |"
+    )
+    print(
+        "| --- | ---: | ---: | " + ("---: | " if per_entry else "") + "---: | ---: | ---: | ---: |"
+    )
+    for t in tools:
+        name = f"hook {t.method}" if t.hook else t.name
+        if not t.samples:
+            cols = 6 if per_entry else 5
+            print(
+                f"| {name} | FAILED: {t.error.splitlines()[0][:120] if t.error else 'not run'} "
+                + "| " * cols
+                + "|"
+            )
+            continue
+        wall = t.median("wall")
+        if per_entry:
+            speed = f"{wall / fx.entries * 1e6:.1f} | {fx.entries / wall:.0f}"
+        else:
+            speed = f"{fx.data_bytes / wall / 1e6:.0f}"
+        size = t.median("out_bytes")
+        ratio = f"{size / ref_size:.3f}" if ref_size and t.method != "copy" else "-"
+        rss = max(s.maxrss_kib for s in t.samples) / 1024
+        flag = " ⚠" if t.error else ""
+        print(
+            f"| {name}{flag} | {wall:.2f} | {speed} | {t.median('cpu'):.2f} | {fmt_size(size)} "
+            f"| {ratio} | {rss:.0f} |"
+        )
+    pairs = [(h, s) for h in tools if h.hook for s in tools if not s.hook and s.method == h.method]
+    if pairs:
+        print("\n| hook method | vs standard tool | hook s | tool s | hook / tool time |")
+        print("| --- | --- | ---: | ---: | ---: |")
+        for h, s in pairs:
+            if h.samples and s.samples:
+                hw, sw = h.median("wall"), s.median("wall")
+                print(f"| {h.method} | {s.name} | {hw:.2f} | {sw:.2f} | {hw / sw:.2f} |")
+            else:
+                print(f"| {h.method} | {s.name} | - | - | - |")
+    problems = [t for t in tools if t.error]
+    for t in problems:
+        print(f"\n⚠ {'hook ' + t.method if t.hook else t.name}: {t.error}")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# XFS (reflink) mode
+
+
+class XfsImage:
+    """A loop-mounted XFS (reflink=1) image file, unmounted and removed on exit."""
+
+    def __init__(self, image: Path, size_bytes: int) -> None:
+        self.image, self.mnt, self.size = image, image.with_suffix(".mnt"), size_bytes
+
+    def __enter__(self) -> Path:
+        self.image.unlink(missing_ok=True)
+        with open(self.image, "wb") as f:
+            f.truncate(self.size)  # sparse
+        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(self.image)], check=True)
+        self.mnt.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-o", "loop", str(self.image), str(self.mnt)], check=True)
+        return self.mnt
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["umount", str(self.mnt)], check=False)
+        self.mnt.rmdir()
+        self.image.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--size-mb", type=int, default=1024, help="fixture size (default 1024 MiB)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per tool (default 3)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp/archive_overlay-bench"),
+        help="fixture cache and scratch outputs (default %(default)s)",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(HOOK_METHODS),
+        help="hook methods to run, comma-separated (default %(default)s)",
+    )
+    p.add_argument(
+        "--hook",
+        type=Path,
+        default=Path("/opt/archive_overlay-test/bin/archive_overlay"),
+        help="the installed hook (default %(default)s)",
+    )
+    p.add_argument(
+        "--hook-arg", action="append", default=[], help="extra argument for the hook (repeatable)"
+    )
+    p.add_argument("--no-hook", action="store_true", help="only run the standard tools")
+    p.add_argument("--no-tools", action="store_true", help="only run the hook")
+    p.add_argument(
+        "--xfs", action="store_true", help="on a loop-mounted XFS with reflink: hook copy vs cp -a"
+    )
+    p.add_argument(
+        "--small-files",
+        type=int,
+        nargs="?",
+        const=50000,
+        metavar="N",
+        help="benchmark a tree of N empty files instead (default N 50000)",
+    )
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-check", action="store_true", help="skip the first-round output checks")
+    a = p.parse_args(argv)
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = set(a.methods) - set(HOOK_METHODS)
+    if unknown:
+        p.error(f"unknown method(s): {', '.join(sorted(unknown))}")
+    if a.xfs:
+        a.methods = ["copy"]
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("bench.py must run as root (mknod whiteouts, trusted.* xattrs, loop mounts)")
+    need = ["cp", "tar", "gzip", "pigz", "zstd", "sh"] + (["mkfs.xfs", "mount"] if a.xfs else [])
+    missing = [n for n in need if not shutil.which(n)]
+    if missing:
+        sys.exit(f"missing tools: {', '.join(missing)}")
+    run_hook = not a.no_hook
+    if run_hook and not os.access(a.hook, os.X_OK):
+        log(f"hook {a.hook} not found: running the standard tools only")
+        run_hook = False
+
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    if a.small_files is not None:
+        params = {"kind": "small-files", "count": a.small_files}
+        fx_name, title = f"fixture-small-{a.small_files}", f"{a.small_files} empty files"
+    else:
+        params = {"kind": "data", "size_mb": a.size_mb, "seed": a.seed}
+        fx_name, title = f"fixture-data-{a.size_mb}-s{a.seed}", f"data upperdir, {a.size_mb} MiB"
+
+    tools_spec = XFS_TOOLS if a.xfs else STANDARD_TOOLS
+    tools: list[Tool] = []
+    for m in a.methods:
+        if run_hook:
+            tools.append(Tool(f"hook {m}", m, True))
+        if not a.no_tools:
+            tools += [Tool(n, m, False) for n, (tm, _) in tools_spec.items() if tm == m]
+    hook_args = [str(a.hook), *a.hook_arg]
+
+    def bench(base: Path) -> None:
+        fx = ensure_fixture(base / fx_name, params)
+        scratch = base / "scratch"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        warm_cache(fx.upper)
+        for r in range(a.rounds):
+            # Alternate: rotate the order each round so no tool always runs first.
+            order = tools[r % len(tools) :] + tools[: r % len(tools)]
+            for tool in order:
+                if tool.error and not tool.samples:
+                    continue  # failed before: don't retry every round
+                run_tool(tool, fx, scratch, hook_args, check=r == 0 and not a.no_check)
+        shutil.rmtree(scratch, ignore_errors=True)
+        print_tables(
+            tools,
+            fx,
+            title + (" on XFS (reflink=1, loop)" if a.xfs else ""),
+            per_entry=a.small_files is not None,
+        )
+        print(f"\ncommand: {' '.join(shlex.quote(x) for x in sys.argv)}")
+        if run_hook:
+            print(f"hook: {' '.join(hook_args)}  (empty environment, state JSON on stdin)")
+
+    if a.xfs:
+        fixture_mb = a.size_mb if a.small_files is None else 64
+        image_bytes = (fixture_mb * 3 + 1024) * MIB
+        with XfsImage(a.workdir / "bench-xfs.img", image_bytes) as mnt:
+            bench(mnt)
+    else:
+        bench(a.workdir)
+    return 1 if any(t.error for t in tools) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Shared fixtures: the installed hook, real overlay mounts, bundles and hook runs.
+
+Every test that archives something runs the *installed* console script as a
+subprocess, with an empty environment (as podman and runc run it) and a piped
+state JSON, on overlay mounts made here with mount(8).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+requires_root = pytest.mark.skipif(not is_root(), reason="needs root: mounts overlayfs")
+
+
+def hook_venv() -> Path:
+    """The venv holding the hook under test: this interpreter's, unless overridden."""
+    return Path(os.environ.get("ARCHIVE_OVERLAY_VENV", sys.prefix))
+
+
+def _installed_module(venv: Path) -> Path | None:
+    out = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import archive_overlay; print(archive_overlay.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
+    return Path(out.stdout.strip()) if out.returncode == 0 else None
+
+
+@pytest.fixture(scope="session")
+def hook_bin() -> Path:
+    """The installed `archive_overlay` script, reinstalled from this tree if stale."""
+    venv = hook_venv()
+    installed = _installed_module(venv)
+    if installed is None or not filecmp.cmp(installed, REPO / "archive_overlay.py", shallow=False):
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+             "--force-reinstall", str(REPO)],
+            check=True,
+        )  # fmt: skip
+    script = venv / "bin" / "archive_overlay"
+    assert script.exists(), f"{script} missing: install the project into {venv}"
+    return script
+
+
+@dataclass
+class Overlay:
+    """A real overlayfs mount: lower (the image), upper (the changes), merged."""
+
+    root: Path
+
+    @property
+    def lower(self) -> Path:
+        return self.root / "lower"
+
+    @property
+    def upper(self) -> Path:
+        return self.root / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    def options(self) -> list[str]:
+        return [f"lowerdir={self.lower}", f"upperdir={self.upper}", f"workdir={self.work}"]
+
+    def mount(self, extra: str = "") -> None:
+        opts = ",".join(self.options() + ([extra] if extra else []))
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", opts, str(self.merged)], check=True
+        )
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", str(self.merged)], check=False)
+
+    def mount_entry(self, destination: str = "/data") -> dict:
+        """The mount as podman writes it into config.json (rootful, native overlay)."""
+        return {
+            "destination": destination,
+            "type": "overlay",
+            "source": str(self.merged),
+            "options": self.options() + ["private"],
+        }
+
+
+@pytest.fixture
+def make_overlay(tmp_path: Path):
+    """Factory: make_overlay(name) -> an Overlay with empty lower/upper, not yet mounted."""
+    made: list[Overlay] = []
+
+    def make(name: str = "ovl") -> Overlay:
+        ovl = Overlay(tmp_path / name)
+        for d in (ovl.lower, ovl.upper, ovl.work, ovl.merged):
+            d.mkdir(parents=True)
+        made.append(ovl)
+        return ovl
+
+    yield make
+    for ovl in made:
+        ovl.unmount()
+
+
+def write_bundle(bundle: Path, mounts: list[dict], annotations: dict[str, str]) -> Path:
+    bundle.mkdir(parents=True, exist_ok=True)
+    config = {"ociVersion": "1.0.2", "mounts": mounts, "annotations": annotations}
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def archive_annotations(name: str, **args: str) -> dict[str, str]:
+    """archive_annotations("data", mount_point="/data", archive_to=...) -> annotations."""
+    return {f"{PREFIX}{name}.{arg.replace('_', '-')}": value for arg, value in args.items()}
+
+
+def state_json(bundle: Path, annotations: dict[str, str] | None = None) -> str:
+    state = {"ociVersion": "1.0.2", "id": "test", "status": "stopped", "bundle": str(bundle)}
+    if annotations is not None:
+        state["annotations"] = annotations
+    return json.dumps(state)
+
+
+@pytest.fixture
+def run_hook(hook_bin: Path):
+    """run_hook(stdin, *args) -> CompletedProcess; empty environment, as engines run it."""
+
+    def run(stdin: str | bytes, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        return subprocess.run(
+            [str(hook_bin), *args], input=data, capture_output=True, env={}, timeout=timeout
+        )
+
+    return run
+
+
+def rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,329 @@
+"""Helpers for the end-to-end tests: images, engine configs, the rootless user.
+
+Each engine set-up keeps all of its state (storage, run dirs, configs, hooks
+dir, home) under one directory of its own, made under /var/tmp so that a
+rootless user can reach it, and removes it at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HOOK_JSON = REPO / "hooks.d" / "archive-overlay.json"
+FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
+BUSYBOX_APPLETS = (
+    "sh ls rm echo mkdir touch cat ln mknod mv chown chmod mkfifo true stat"
+).split()
+ROOTFS_DIRS = ("bin", "dev", "proc", "sys", "tmp", "etc", "d1", "d2", "ro")
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+TIMEOUT = 120
+
+
+class CommandFailed(AssertionError):
+    pass
+
+
+def run(
+    cmd: list[str],
+    *,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = TIMEOUT,
+) -> subprocess.CompletedProcess:
+    """Run cmd, capturing text output; with check, fail showing that output."""
+    proc = subprocess.run(
+        cmd, input=input, env=env, capture_output=True, text=True, timeout=timeout,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise CommandFailed(
+            f"{' '.join(cmd)} -> exit {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+# --- images -------------------------------------------------------------------------------
+
+
+def busybox_path() -> Path | None:
+    for candidate in ("/bin/busybox", "/usr/bin/busybox"):
+        if Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def build_rootfs(dest: Path) -> Path:
+    """A minimal rootfs: a static busybox and its applets as symlinks."""
+    busybox = busybox_path()
+    assert busybox is not None, "busybox missing: apt-get install busybox-static"
+    for d in ROOTFS_DIRS:
+        (dest / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox, dest / "bin" / "busybox")
+    for applet in BUSYBOX_APPLETS:
+        (dest / "bin" / applet).symlink_to("busybox")
+    return dest
+
+
+def build_oci_image(layout: Path, tag: str, source: Path) -> str:
+    """Add `source` as a one-layer image `tag` to the OCI layout; return `oci:` ref.
+
+    The layout (not `podman import`) keeps podman's blob cache inside its own
+    graphroot: `podman import` writes /var/lib/containers/cache as root.
+    """
+    if not (layout / "index.json").exists():
+        run(["umoci", "init", "--layout", str(layout)])
+    run(["umoci", "new", "--image", f"{layout}:{tag}"])
+    run(["umoci", "insert", "--image", f"{layout}:{tag}", str(source), "/"])
+    run(["chmod", "-R", "a+rX", str(layout)])  # readable by the rootless user
+    return f"oci:{layout}:{tag}"
+
+
+# --- the rootless user --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+
+
+SUBID_COUNT = 65536
+
+
+def _subid_lines(path: Path) -> list[list[str]]:
+    if not path.exists():
+        return []
+    return [line.split(":") for line in path.read_text().splitlines() if line.count(":") == 2]
+
+
+def _ensure_subids(user: User) -> None:
+    """Give the user one sub-id range in each file unless it has one already."""
+    for path, option in ((Path("/etc/subuid"), "--add-subuids"), (Path("/etc/subgid"), "--add-subgids")):
+        lines = _subid_lines(path)
+        if any(name in (user.name, str(user.uid)) for name, _, _ in lines):
+            continue
+        start = max([100000] + [int(s) + int(c) for _, s, c in lines])
+        run(["usermod", option, f"{start}-{start + SUBID_COUNT - 1}", user.name])
+
+
+def ensure_user(name: str) -> User:
+    """The rootless test user, created (with sub-ids, no home) if missing."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+        entry = pwd.getpwnam(name)
+    user = User(name, entry.pw_uid, entry.pw_gid)
+    _ensure_subids(user)
+    return user
+
+
+def ensure_fuse_device() -> None:
+    """Rootless fuse-overlayfs needs /dev/fuse open to everybody."""
+    os.chmod("/dev/fuse", 0o666)
+
+
+# --- mounts -------------------------------------------------------------------------------
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return field.encode().decode("unicode_escape")
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Mount points at or below root (this mount namespace), deepest first."""
+    prefix = str(root)
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = _unescape_mountinfo(line.split()[4])
+        if point == prefix or point.startswith(prefix + "/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def unmount_under(root: Path) -> None:
+    for point in mounts_under(root):
+        if run(["umount", point], check=False).returncode != 0:
+            run(["umount", "--lazy", point], check=False)
+
+
+def remove_tree(root: Path) -> None:
+    """rm -rf that first unmounts whatever is still mounted below root."""
+    unmount_under(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# --- hooks ----------------------------------------------------------------------------------
+
+
+def hook_config(hook_bin: Path, log_file: Path) -> dict:
+    """The project's hooks.d JSON, pointed at hook_bin and logging to log_file."""
+    config = json.loads(HOOK_JSON.read_text())
+    config["hook"]["path"] = str(hook_bin)
+    config["hook"]["args"] = [str(hook_bin), "--log-file", str(log_file)]
+    return config
+
+
+# --- podman -----------------------------------------------------------------------------------
+
+
+def _toml_list(items: list[str]) -> str:
+    return json.dumps(items)
+
+
+@dataclass
+class Podman:
+    """A podman with its own storage, run dirs and configs under `root`.
+
+    With `user`, every command runs as that user (rootless podman).
+    """
+
+    root: Path
+    user: User | None = None
+    fuse: bool = False
+
+    @property
+    def hooks_dir(self) -> Path:
+        return self.root / "hooks.d"
+
+    @property
+    def graphroot(self) -> Path:
+        return self.root / "storage"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def setup(self) -> None:
+        names = ("hooks.d", "storage", "run", "tmp", "copy-tmp", "net", "home", "xdg")
+        for name in names:
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+        (self.root / "xdg").chmod(0o700)
+        (self.root / "storage.conf").write_text(self._storage_conf())
+        (self.root / "containers.conf").write_text(self._containers_conf())
+        if self.user is not None:
+            run(["chown", "-R", f"{self.user.uid}:{self.user.gid}", str(self.root)])
+
+    def _storage_conf(self) -> str:
+        conf = [
+            "[storage]",
+            'driver = "overlay"',
+            f"graphroot = {json.dumps(str(self.graphroot))}",
+            f"runroot = {json.dumps(str(self.root / 'run'))}",
+            # rootless podman ignores graphroot
+            f"rootless_storage_path = {json.dumps(str(self.graphroot))}",
+        ]
+        if self.fuse:
+            conf += ["[storage.options.overlay]", f"mount_program = {json.dumps(FUSE_OVERLAYFS)}"]
+        return "\n".join(conf) + "\n"
+
+    def _containers_conf(self) -> str:
+        return "\n".join([
+            "[containers]",
+            f"default_ulimits = {_toml_list(['nofile=1024:1024', 'nproc=1024:1024'])}",
+            "[network]",
+            'network_backend = "cni"',
+            f"network_config_dir = {json.dumps(str(self.root / 'net'))}",
+            "[engine]",
+            'runtime = "runc"',
+            'cgroup_manager = "cgroupfs"',
+            'events_logger = "file"',
+            f"tmp_dir = {json.dumps(str(self.tmp_dir))}",
+            f"image_copy_tmp_dir = {json.dumps(str(self.root / 'copy-tmp'))}",
+            f"hooks_dir = {_toml_list([str(self.hooks_dir)])}",
+        ]) + "\n"  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PATH": CLEAN_PATH,
+            "HOME": str(self.root / "home"),
+            "XDG_RUNTIME_DIR": str(self.root / "xdg"),
+            "CONTAINERS_CONF": str(self.root / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(self.root / "storage.conf"),
+        }
+
+    def as_user(self, cmd: list[str]) -> list[str]:
+        """cmd run with this podman's environment, as its user if rootless."""
+        env = [f"{k}={v}" for k, v in self.env().items()]
+        prefix = ["runuser", "-u", self.user.name, "--"] if self.user is not None else []
+        return [*prefix, "env", "-i", *env, *cmd]
+
+    def __call__(self, *args: str, input: str | None = None, check: bool = True):
+        return run(self.as_user(["podman", *args]), input=input, check=check)
+
+    def install_hook(self, hook_bin: Path, log_file: Path) -> None:
+        path = self.hooks_dir / "archive-overlay.json"
+        path.write_text(json.dumps(hook_config(hook_bin, log_file), indent=2))
+        path.chmod(0o644)
+
+    def load(self, ref: str, name: str) -> None:
+        image_id = self("pull", "--quiet", ref).stdout.strip().splitlines()[-1]
+        self("tag", image_id, name)
+
+    def _pause_pid(self) -> int | None:
+        pid_file = self.tmp_dir / "pause.pid"
+        try:
+            return int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _kill_own_pause(self, pid: int | None) -> None:
+        """Rootless podman's pause process, if `podman system reset` left it."""
+        if pid is None or self.user is None:
+            return
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return
+        uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+        if str(self.user.uid) in uids and (b"catatonit" in cmdline or b"podman" in cmdline):
+            os.kill(pid, signal.SIGKILL)
+
+    def teardown(self) -> None:
+        pause = self._pause_pid()
+        self("rm", "--all", "--force", check=False)
+        self("system", "reset", "--force", check=False)
+        self._kill_own_pause(pause)
+        remove_tree(self.root)
+
+
+# --- runc -----------------------------------------------------------------------------------
+
+CAPS = ("CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE", "CAP_MKNOD", "CAP_KILL")
+
+
+def runc_config(
+    bundle: Path,
+    rootfs: Path,
+    args: list[str],
+    mounts: list[dict],
+    annotations: dict[str, str],
+    poststop: list[dict],
+) -> Path:
+    """`runc spec`'s template made runnable here, with our mounts and hooks."""
+    bundle.mkdir(parents=True, exist_ok=True)
+    run(["runc", "spec", "--bundle", str(bundle)])
+    path = bundle / "config.json"
+    config = json.loads(path.read_text())
+    process = config["process"]
+    process["terminal"] = False
+    process["args"] = args
+    process["capabilities"] = {kind: list(CAPS) for kind in ("bounding", "effective", "permitted")}
+    config["root"] = {"path": str(rootfs), "readonly": True}
+    config["mounts"] += mounts
+    config["annotations"] = annotations
+    config["hooks"] = {"poststop": poststop}
+    path.write_text(json.dumps(config, indent=2))
+    return path
