@@ -41,6 +41,7 @@ def _installed_module(venv: Path) -> Path | None:
             "-c",
             "import archive_overlay; print(archive_overlay.__file__)",
         ],
+        check=False,
         capture_output=True,
         text=True,
         cwd="/",
@@ -151,7 +152,12 @@ def run_hook(hook_bin: Path):
     def run(stdin: str | bytes, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         data = stdin.encode() if isinstance(stdin, str) else stdin
         return subprocess.run(
-            [str(hook_bin), *args], input=data, capture_output=True, env={}, timeout=timeout
+            [str(hook_bin), *args],
+            input=data,
+            check=False,
+            capture_output=True,
+            env={},
+            timeout=timeout,
         )
 
     return run
