@@ -28,6 +28,7 @@ import secrets
 import shutil
 import signal
 import stat
+import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -911,12 +912,8 @@ HARDLINK = b"1"
 PAX_HEADER = b"x"
 
 
-def octal(value: int, width: int) -> bytes | None:
-    """A ustar number field: zero-padded octal and a NUL, or None if it does not fit."""
-    if value < 0:
-        return None
-    digits = b"%0*o" % (width - 1, value)
-    return digits + b"\0" if len(digits) < width else None
+USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+MAX_OCTAL_7, MAX_OCTAL_11 = 8**7 - 1, 8**11 - 1  # what 8- and 12-byte fields hold
 
 
 def pax_record(key: str, value: bytes) -> bytes:
@@ -926,20 +923,15 @@ def pax_record(key: str, value: bytes) -> bytes:
     return b"%d" % length + body
 
 
-def ustar_block(name: bytes, fields: dict[str, int], typeflag: bytes, linkname: bytes,
-                uname: bytes, gname: bytes) -> bytes:  # fmt: skip
-    """One 512-byte ustar header; fields that did not fit were put in a PAX header."""
-    numbers = {k: octal(v, w) or octal(0, w) for k, v, w in (
-        ("mode", fields["mode"], 8), ("uid", fields["uid"], 8), ("gid", fields["gid"], 8),
-        ("size", fields["size"], 12), ("mtime", fields["mtime"], 12),
-        ("devmajor", fields["devmajor"], 8), ("devminor", fields["devminor"], 8),
-    )}  # fmt: skip
-    header = b"".join((
-        name[:100].ljust(100, b"\0"), numbers["mode"], numbers["uid"], numbers["gid"],
-        numbers["size"], numbers["mtime"], b" " * 8, typeflag, linkname[:100].ljust(100, b"\0"),
-        b"ustar\x0000", uname[:32].ljust(32, b"\0"), gname[:32].ljust(32, b"\0"),
-        numbers["devmajor"], numbers["devminor"],
-    )).ljust(BLOCK, b"\0")  # fmt: skip
+def ustar_block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+                typeflag: bytes, linkname: bytes = b"", uname: bytes = b"", gname: bytes = b"",
+                devmajor: int = 0, devminor: int = 0) -> bytes:  # fmt: skip
+    """One 512-byte ustar header; the caller puts what does not fit in a PAX header."""
+    header = USTAR.pack(
+        name, b"%07o" % mode, b"%07o" % uid, b"%07o" % gid, b"%011o" % size, b"%011o" % mtime,
+        b" " * 8, typeflag, linkname, b"ustar\x0000", uname, gname,
+        b"%07o" % devmajor, b"%07o" % devminor, b"",
+    )  # fmt: skip
     return header[:148] + b"%06o\0 " % sum(header) + header[156:]
 
 
@@ -965,33 +957,39 @@ def tar_header(entry: Entry, owner: tuple[int, int] | None, link_to: bytes | Non
     else:
         (uid, gid), uname, gname = owner, b"", b""
     seconds, nanos = divmod(st.st_mtime_ns, 1_000_000_000)
-    is_device = typeflag in (b"3", b"4")
-    fields = {
-        "mode": stat.S_IMODE(st.st_mode), "uid": uid, "gid": gid, "size": size, "mtime": seconds,
-        "devmajor": os.major(st.st_rdev) if is_device else 0,
-        "devminor": os.minor(st.st_rdev) if is_device else 0,
-    }  # fmt: skip
     records = []
     if len(name) > 100:
         records.append(pax_record("path", name))
     if len(linkname) > 100:
         records.append(pax_record("linkpath", linkname))
-    for key, width in (("uid", 8), ("gid", 8), ("size", 12)):
-        if octal(fields[key], width) is None:
-            records.append(pax_record(key, b"%d" % fields[key]))
-    if nanos or octal(seconds, 12) is None:
+    if uid > MAX_OCTAL_7:
+        records.append(pax_record("uid", b"%d" % uid))
+        uid = 0
+    if gid > MAX_OCTAL_7:
+        records.append(pax_record("gid", b"%d" % gid))
+        gid = 0
+    if size > MAX_OCTAL_11:
+        records.append(pax_record("size", b"%d" % size))
+    if nanos or not 0 <= seconds <= MAX_OCTAL_11:
         records.append(pax_record("mtime", b"%d.%09d" % (seconds, nanos)))
-    for key, value in (("uname", uname), ("gname", gname)):
-        if len(value) > 32:
-            records.append(pax_record(key, value))
-    records += [pax_record("SCHILY.xattr." + k, v) for k, v in entry.xattrs.items()]
-    block = ustar_block(name, fields, typeflag, linkname, uname, gname)
+        seconds = min(max(seconds, 0), MAX_OCTAL_11)
+    if len(uname) > 32:
+        records.append(pax_record("uname", uname))
+    if len(gname) > 32:
+        records.append(pax_record("gname", gname))
+    for key, value in entry.xattrs.items():
+        records.append(pax_record("SCHILY.xattr." + key, value))
+    is_device = typeflag in (b"3", b"4")
+    block = ustar_block(
+        name, stat.S_IMODE(st.st_mode), uid, gid, min(size, MAX_OCTAL_11), seconds, typeflag,
+        linkname, uname, gname,
+        os.major(st.st_rdev) if is_device else 0, os.minor(st.st_rdev) if is_device else 0,
+    )  # fmt: skip
     if not records:
         return block
     data = b"".join(records)
     pax_name = b"./PaxHeaders/" + name.rstrip(b"/").rpartition(b"/")[2][:80]
-    pax_fields = dict(fields, mode=0o644, size=len(data), devmajor=0, devminor=0)
-    pax = ustar_block(pax_name, pax_fields, PAX_HEADER, b"", b"", b"")
+    pax = ustar_block(pax_name, 0o644, uid, gid, len(data), seconds, PAX_HEADER)
     return pax + data + bytes(-len(data) % BLOCK) + block
 
 
