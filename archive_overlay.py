@@ -559,17 +559,21 @@ def syncfs(fd: int) -> None:
 
 
 def check_allowed(path: str, allow_dirs: tuple[str, ...], what: str) -> str:
-    """The real path of an absolute path, refused outside --allow-dir when set."""
+    """The real path of an absolute path, refused outside --allow-dir when set.
+
+    Only the parent is resolved: an archive-to that is itself a symlink is
+    replaced, never written through.
+    """
     if not path.startswith("/"):
         raise ArchiveError(f"{what} {path!r} is not an absolute path")
-    real = os.path.realpath(path)
-    if allow_dirs and not any(
-        real == d or real.startswith(d.rstrip("/") + "/") for d in allow_dirs
-    ):
-        raise ArchiveError(f"{what} {path} is outside the allowed directories")
-    name = posixpath.basename(real)
-    if not name or real == "/":
+    parent, name = posixpath.split(path.rstrip("/") or "/")
+    if name in ("", ".", ".."):
+        parent, name = posixpath.split(os.path.realpath(path))
+    real = posixpath.join(os.path.realpath(parent), name)
+    if not name:
         raise ArchiveError(f"{what} {path} names no file")
+    if allow_dirs and not any(real.startswith(d.rstrip("/") + "/") for d in allow_dirs):
+        raise ArchiveError(f"{what} {path} is outside the allowed directories")
     return real
 
 
