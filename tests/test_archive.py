@@ -705,3 +705,27 @@ def test_hooks_d_files_match_the_go_hook():
         assert hook["hook"]["path"] == "/usr/bin/archive_overlay"
         if args:
             assert hook["hook"]["args"][1:] == args
+
+
+def test_readme_install_command_with_pipx(tmp_path):
+    """The README's install command, into a scratch PIPX_HOME and bin dir."""
+    pipx = Path("/usr/bin/pipx")
+    if not pipx.exists():
+        pytest.skip("pipx is not installed (apt-get install pipx)")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PIPX_HOME": str(tmp_path / "pipx"),
+        "PIPX_BIN_DIR": str(tmp_path / "bin"),
+    }
+    cmd = [str(pipx), "install", "--python", "/usr/bin/python3", str(REPO)]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    version = subprocess.run(
+        [str(tmp_path / "bin" / "archive_overlay"), "--version"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={},
+    )
+    assert version.returncode == 0 and "archive_overlay, version" in version.stdout
