@@ -20,11 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 HOOK_JSON = REPO / "hooks.d" / "archive-overlay.json"
 FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
 BUSYBOX_APPLETS = (
-    "sh ls rm echo mkdir touch cat ln mknod mv chown chmod mkfifo true stat"
-).split()
+    "sh", "ls", "rm", "echo", "mkdir", "touch", "cat", "ln", "mknod", "mv", "chown", "chmod",
+    "mkfifo", "true", "stat",
+)  # fmt: skip
 ROOTFS_DIRS = ("bin", "dev", "proc", "sys", "tmp", "etc", "d1", "d2", "ro")
 CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TIMEOUT = 120
+RUNROOT_MAX = 50
 
 
 class CommandFailed(AssertionError):
@@ -42,7 +44,7 @@ def run(
     """Run cmd, capturing text output; with check, fail showing that output."""
     proc = subprocess.run(
         cmd, input=input, env=env, capture_output=True, text=True, timeout=timeout,
-        stdin=None if input is not None else subprocess.DEVNULL,
+        stdin=None if input is not None else subprocess.DEVNULL, check=False,
     )  # fmt: skip
     if check and proc.returncode != 0:
         raise CommandFailed(
@@ -109,7 +111,10 @@ def _subid_lines(path: Path) -> list[list[str]]:
 
 def _ensure_subids(user: User) -> None:
     """Give the user one sub-id range in each file unless it has one already."""
-    for path, option in ((Path("/etc/subuid"), "--add-subuids"), (Path("/etc/subgid"), "--add-subgids")):
+    for path, option in (
+        (Path("/etc/subuid"), "--add-subuids"),
+        (Path("/etc/subgid"), "--add-subgids"),
+    ):
         lines = _subid_lines(path)
         if any(name in (user.name, str(user.uid)) for name, _, _ in lines):
             continue
@@ -205,7 +210,15 @@ class Podman:
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
 
+    @property
+    def runroot(self) -> Path:
+        """Rootless podman ignores storage.conf's runroot and uses $XDG_RUNTIME_DIR's."""
+        return self.root / ("xdg/containers" if self.user is not None else "run")
+
     def setup(self) -> None:
+        # podman refuses a runroot longer than 50 characters in the cleanup command
+        # that conmon runs when the container exits; the run then stalls 20 s.
+        assert len(str(self.runroot)) <= RUNROOT_MAX, f"{self.runroot}: too long for podman"
         names = ("hooks.d", "storage", "run", "tmp", "copy-tmp", "net", "home", "xdg")
         for name in names:
             (self.root / name).mkdir(parents=True, exist_ok=True)
@@ -220,7 +233,7 @@ class Podman:
             "[storage]",
             'driver = "overlay"',
             f"graphroot = {json.dumps(str(self.graphroot))}",
-            f"runroot = {json.dumps(str(self.root / 'run'))}",
+            f"runroot = {json.dumps(str(self.root / 'run'))}",  # rootful only
             # rootless podman ignores graphroot
             f"rootless_storage_path = {json.dumps(str(self.graphroot))}",
         ]
