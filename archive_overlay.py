@@ -309,12 +309,34 @@ def is_complete(archive: Archive) -> bool:
 # ---------------------------------------------------------------------------
 
 
+ESCAPED = "overlay."
+
+
 @dataclass
 class Upper:
     """An upperdir and the xattr namespaces its overlay keeps markers in."""
 
     path: str
     marker_prefixes: tuple[str, ...]  # e.g. ("trusted.overlay.",)
+
+    def marker(self, xattr: str) -> str | None:
+        """The overlay marker an xattr is ("opaque", "redirect", ...), None for user data.
+
+        Since Linux 6.7 an overlay xattr set by the container itself is stored
+        escaped, as <prefix>overlay.<name>: that is user data, not a marker.
+        """
+        for prefix in self.marker_prefixes:
+            if xattr.startswith(prefix):
+                name = xattr[len(prefix) :]
+                return None if name.startswith(ESCAPED) else name
+        return None
+
+    def user_xattr(self, xattr: str) -> str | None:
+        """The name the container gave an xattr; None for a marker."""
+        for prefix in self.marker_prefixes:
+            if xattr.startswith(prefix + ESCAPED):
+                return prefix + xattr[len(prefix + ESCAPED) :]
+        return None if self.marker(xattr) is not None else xattr
 
 
 def split_options(options: Iterable[str]) -> dict[str, str]:
@@ -329,8 +351,8 @@ def upper_from_options(options: list[str], fuse: bool) -> Upper | None:
     opts = split_options(options)
     if not opts.get("upperdir"):
         return None
-    if fuse:  # fuse-overlayfs falls back to user.fuseoverlayfs.* without CAP_SYS_ADMIN
-        prefixes: tuple[str, ...] = ("trusted.overlay.", "user.fuseoverlayfs.")
+    if fuse:  # fuse-overlayfs honours user.overlay.* too, and falls back to its own
+        prefixes: tuple[str, ...] = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
     elif "userxattr" in opts:
         prefixes = ("user.overlay.",)
     else:
@@ -516,7 +538,7 @@ def check_representable(entries: Iterable[Entry], upper: Upper) -> Iterator[Entr
     """Refuse upperdirs whose entries keep their data in the lower layers."""
     for entry in entries:
         for name in entry.xattrs:
-            if name.startswith(upper.marker_prefixes) and name.endswith((".redirect", ".metacopy")):
+            if upper.marker(name) in ("redirect", "metacopy"):
                 raise ArchiveError(
                     f"{os.fsdecode(entry.rel)} has {name}: the overlay was mounted with "
                     "redirect_dir or metacopy, so the upperdir alone does not hold the changes"
@@ -1159,7 +1181,13 @@ def is_opaque(entry: Entry, upper: Upper) -> bool:
 
 
 def marker_free(xattrs: dict[str, bytes], upper: Upper) -> dict[str, bytes]:
-    return {k: v for k, v in xattrs.items() if not k.startswith(upper.marker_prefixes)}
+    """The xattrs without overlay markers; escaped overlay xattrs as the container set them."""
+    kept = {}
+    for name, value in xattrs.items():
+        user_name = upper.user_xattr(name)
+        if user_name is not None:
+            kept[user_name] = value
+    return kept
 
 
 def oci_entries(entries: Iterable[Entry], upper: Upper) -> Iterator[Entry]:
