@@ -734,15 +734,9 @@ class Destination:
         except OSError as exc:
             if exc.errno != errno.EEXIST:
                 raise
-            old = self.existing()
-            if old is None:  # removed meanwhile
+            if self.existing() is None:  # removed meanwhile
                 return self.commit(is_dir)
-            if is_dir and not stat.S_ISDIR(old.st_mode):
-                raise ArchiveError(
-                    f"archive-to {self.path} exists and is not a directory"
-                ) from None
-            if not is_dir and stat.S_ISDIR(old.st_mode):
-                raise ArchiveError(f"archive-to {self.path} exists and is a directory") from None
+            self.check_kind(is_dir)
             if is_dir:
                 renameat2(self.dir_fd, self.tmp_name, self.name, RENAME_EXCHANGE)
                 self.discard_temp()  # the old tree, now under the temporary name
@@ -761,18 +755,29 @@ class Destination:
             raise ArchiveError(f"archive-to {self.path} exists and is a directory")
 
 
+def write_file_at(dir_fd: int, name: str, data: bytes) -> None:
+    """A small file written whole under a temporary name, fsync'd, then renamed into place."""
+    tmp = f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    finally:
+        os.close(fd)
+    os.fsync(dir_fd)
+
+
 def write_success(path: str, allow_dirs: tuple[str, ...]) -> None:
-    real = check_allowed(path, allow_dirs, "success")
-    parent, name = posixpath.split(real)
+    parent, name = posixpath.split(check_allowed(path, allow_dirs, "success"))
     dir_fd = open_dir_nofollow(parent, create=True)
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.fsync(dir_fd)
+        write_file_at(dir_fd, name, b"")
     finally:
         os.close(dir_fd)
 
@@ -1277,31 +1282,17 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
             else:
                 stats = write_tar(entries, fd, archive)
             os.fsync(fd)
+        if stats.descriptor is not None:  # never an old descriptor beside a new layer
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dest.name + ".json", dir_fd=dest.dir_fd)
         dest.commit(is_dir)
     except BaseException:
         dest.discard_temp()
         raise
     if stats.descriptor is not None:
-        write_descriptor(dest, stats.descriptor)
+        descriptor = json.dumps(stats.descriptor, indent=2).encode() + b"\n"
+        write_file_at(dest.dir_fd, dest.name + ".json", descriptor)
     return stats
-
-
-def write_descriptor(dest: Destination, descriptor: dict) -> None:
-    """<archive-to>.json beside the layer, written whole or not at all."""
-    name, tmp = dest.name + ".json", dest.tmp_name + ".json"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    dir_fd = open_dir_nofollow(dest.parent, create=False)
-    try:
-        fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
-        try:
-            os.write(fd, json.dumps(descriptor, indent=2).encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass
