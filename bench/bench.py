@@ -35,6 +35,7 @@ from pathlib import Path
 PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
 ARCHIVE_NAME = "bench"
 HOOK_METHODS = ("copy", "tar", "tar.gz", "tar.zst")
+NO_OP = "no-op"  # the hook run with no archive annotations: its fixed start-up cost
 FIXTURE_VERSION = 1  # bump when the generator changes, to rebuild cached fixtures
 MIB = 1 << 20
 SEGMENT = MIB  # medium and large files are written in segments of mixed content
@@ -53,6 +54,9 @@ XFS_TOOLS = {
     "cp -a": ("copy", "cp -a {src} {out}"),  # coreutils >= 9 reflinks by default
     "cp -a --reflink=never": ("copy", "cp -a --reflink=never {src} {out}"),
 }
+# The hook makes its output durable before it returns (syncfs for copy, fsync for a
+# tar file); so, unless --no-sync, the standard tools' time includes the same.
+SYNC = {"copy": " && sync -f {out}", "tar": " && sync {out}"}
 GZIP6_REFERENCE = "tar -czf"  # the "gzip -6" size the other outputs are compared with
 
 # ---------------------------------------------------------------------------
@@ -180,7 +184,7 @@ def build_data_fixture(root: Path, size_mb: int, seed: int) -> None:
             target = Path("../does-not-exist", f"x{i}")  # dangling
         os.symlink(target, links / f"sym-{i:03d}")
     for i in range(8):  # whiteouts: files and dirs deleted from the image
-        d = upper / "srv" / f"app{i % 2:02d}"
+        d = upper / ("srv/app00" if i % 2 else "var/lib")
         os.mknod(d / f"deleted-{i}", stat.S_IFCHR | 0o000, os.makedev(0, 0))
     opaque = upper / "etc" / "app"
     opaque.mkdir(parents=True)
@@ -279,6 +283,7 @@ class Sample:
     cpu: float  # user + system seconds of the whole child tree
     maxrss_kib: int  # largest single process of the child tree (getrusage semantics)
     out_bytes: int
+    disk_bytes: int  # filesystem space the output took (statvfs delta, after sync)
 
 
 @dataclass
@@ -295,27 +300,45 @@ class Tool:
         return values[len(values) // 2]
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def run_measured(argv: list[str], stdin: bytes | None, env: dict | None) -> tuple:
-    """Run argv; return (returncode, stderr, wall s, cpu s, maxrss KiB) via wait4.
+    """Run argv; return (returncode, stderr, wall s, cpu s, maxrss KiB).
 
     wait4's rusage covers the child and every descendant it waited for (a shell
-    pipeline's tar and pigz, tar's gzip), so maxrss is the largest process of
-    the tree and cpu is the whole tree's.
+    pipeline's tar and pigz, tar's gzip): cpu is the whole tree's, maxrss the
+    largest single process of the tree. A child forked from this (large) python
+    process inherits its RSS high-water mark until exec, so when GNU time is
+    installed the command runs under it and its %M (measured from a tiny
+    parent) is used instead.
     """
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as rss_file:
+        wrapped = argv
+        if os.access(GNU_TIME, os.X_OK):
+            wrapped = [GNU_TIME, "-o", rss_file.name, "-f", "maxrss=%M", *argv]
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env
+            wrapped, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env
         )
         if stdin:
             proc.stdin.write(stdin)
         proc.stdin.close()
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        maxrss = ru.ru_maxrss
+        for line in rss_file.read().splitlines():
+            if line.startswith("maxrss="):
+                maxrss = int(line[len("maxrss=") :])
         err.seek(0)
         stderr = err.read().decode(errors="replace")
-    return proc.returncode, stderr, wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss
+    rc = os.waitstatus_to_exitcode(status)
+    return rc, stderr, wall, ru.ru_utime + ru.ru_stime, maxrss
+
+
+def disk_free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bfree * st.f_frsize
 
 
 def output_size(path: Path) -> int:
@@ -340,6 +363,8 @@ def hook_stdin(scratch: Path, fx: Fixture, method: str, out: Path) -> bytes:
         f"{PREFIX}{ARCHIVE_NAME}.archive-to": str(out),
         f"{PREFIX}{ARCHIVE_NAME}.method": method,
     }
+    if method == NO_OP:
+        annotations = {}  # the hook starts, reads the state and config, finds nothing to do
     mount = {
         "destination": "/data",
         "type": "overlay",
@@ -369,7 +394,9 @@ def output_path(scratch: Path, tool: Tool) -> Path:
     return scratch / f"out-{slug}{suffix}"
 
 
-def run_tool(tool: Tool, fx: Fixture, scratch: Path, hook_args: list[str], check: bool) -> None:
+def run_tool(
+    tool: Tool, fx: Fixture, scratch: Path, hook_args: list[str], check: bool, sync: bool
+) -> None:
     out = output_path(scratch, tool)
     remove(out)
     if tool.hook:
@@ -378,23 +405,33 @@ def run_tool(tool: Tool, fx: Fixture, scratch: Path, hook_args: list[str], check
         env: dict | None = {}  # engines run hooks with an empty environment
     else:
         template = (STANDARD_TOOLS | XFS_TOOLS)[tool.name][1]
+        if sync:
+            template = f"( {template} ){SYNC['copy' if tool.method == 'copy' else 'tar']}"
         cmd = template.format(src=shlex.quote(str(fx.upper)), out=shlex.quote(str(out)))
         tool.argv = ["sh", "-c", cmd]
         stdin, env = None, None
     os.sync()  # start every run without dirty pages of the previous one
+    free_before = disk_free(scratch)
     rc, stderr, wall, cpu, rss = run_measured(tool.argv, stdin, env)
+    if tool.method == NO_OP and rc == 0:
+        tool.samples.append(Sample(wall, cpu, rss, 0, 0))
+        log(f"{tool.name}: {wall:.2f}s cpu {cpu:.2f}s rss {rss // 1024} MiB")
+        return
     if rc != 0 or not out.exists():
-        tool.error = f"exit {rc}: {stderr.strip()[-2000:] or '(no stderr)'}"
+        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        tool.error = f"exit {rc}: {tail or '(no stderr)'}"
         log(f"{tool.name} FAILED: {tool.error}")
         remove(out)
         return
     size = output_size(out)
+    os.sync()
+    disk = free_before - disk_free(scratch)
     if check:
         problem = check_output(tool, fx, out)
         if problem:
             tool.error = problem
             log(f"{tool.name}: {problem}")
-    tool.samples.append(Sample(wall, cpu, rss, size))
+    tool.samples.append(Sample(wall, cpu, rss, size, disk))
     log(f"{tool.name}: {wall:.2f}s cpu {cpu:.2f}s rss {rss // 1024} MiB out {size / 1e6:.1f} MB")
     remove(out)
 
@@ -421,48 +458,52 @@ def check_output(tool: Tool, fx: Fixture, out: Path) -> str:
 # Report
 
 
+def md(text: str) -> str:
+    """Escape a table cell."""
+    return text.replace("|", "\\|")
+
+
 def fmt_size(n: float) -> str:
-    return f"{n / 1e6:.1f}"
+    return f"{n / 1e6:.1f}" if n >= 10e6 else f"{n / 1e6:.3f}"
 
 
-def print_tables(tools: list[Tool], fx: Fixture, title: str, per_entry: bool) -> None:
+def print_tables(
+    tools: list[Tool], fx: Fixture, title: str, per_entry: bool, disk: bool, note: str
+) -> None:
     print(f"\n### {title}\n")
     print(
         f"upperdir: {fx.entries} entries, {fx.data_bytes / 1e6:.0f} MB of file data; "
-        f"{os.cpu_count()} CPUs; median of {max(len(t.samples) for t in tools)} round(s)\n"
+        f"{os.cpu_count()} CPUs; median of {max(len(t.samples) for t in tools)} round(s); "
+        f"{note}; load average at the end {os.getloadavg()[0]:.2f}\n"
     )
     ref = next((t for t in tools if t.name == GZIP6_REFERENCE and t.samples), None)
     ref_size = ref.median("out_bytes") if ref else None
-    rate = "µs/entry | entries/s" if per_entry else "MB/s"
-    print(
-        f"| tool | median wall s | {rate} | CPU s | output MB | output / gzip -6 | peak RSS MiB |"
-    )
-    print(
-        "| --- | ---: | ---: | " + ("---: | " if per_entry else "") + "---: | ---: | ---: | ---: |"
-    )
+    header = ["tool", "median wall s"]
+    header += ["µs/entry", "entries/s"] if per_entry else ["MB/s"]
+    header += ["CPU s", "output MB", "output / gzip -6", "peak RSS MiB"]
+    header += ["disk used MB"] if disk else []
+    print("| " + " | ".join(header) + " |")
+    print("| --- |" + " ---: |" * (len(header) - 1))
     for t in tools:
-        name = f"hook {t.method}" if t.hook else t.name
+        name = t.name if t.hook else md(t.name)
         if not t.samples:
-            cols = 6 if per_entry else 5
-            print(
-                f"| {name} | FAILED: {t.error.splitlines()[0][:120] if t.error else 'not run'} "
-                + "| " * cols
-                + "|"
-            )
+            why = t.error.strip().splitlines()[-1][:120] if t.error else "not run"
+            print(f"| {name} | FAILED: {md(why)} |" + " |" * (len(header) - 2))
             continue
         wall = t.median("wall")
-        if per_entry:
-            speed = f"{wall / fx.entries * 1e6:.1f} | {fx.entries / wall:.0f}"
+        row = [name + (" ⚠" if t.error else ""), f"{wall:.2f}"]
+        if t.method == NO_OP:
+            row += ["-", "-"] if per_entry else ["-"]
+        elif per_entry:
+            row += [f"{wall / fx.entries * 1e6:.1f}", f"{fx.entries / wall:.0f}"]
         else:
-            speed = f"{fx.data_bytes / wall / 1e6:.0f}"
+            row += [f"{fx.data_bytes / wall / 1e6:.0f}"]
         size = t.median("out_bytes")
-        ratio = f"{size / ref_size:.3f}" if ref_size and t.method != "copy" else "-"
-        rss = max(s.maxrss_kib for s in t.samples) / 1024
-        flag = " ⚠" if t.error else ""
-        print(
-            f"| {name}{flag} | {wall:.2f} | {speed} | {t.median('cpu'):.2f} | {fmt_size(size)} "
-            f"| {ratio} | {rss:.0f} |"
-        )
+        row += [f"{t.median('cpu'):.2f}", fmt_size(size) if t.method != NO_OP else "-"]
+        row += [f"{size / ref_size:.3f}" if ref_size and t.method not in ("copy", NO_OP) else "-"]
+        row += [f"{max(s.maxrss_kib for s in t.samples) / 1024:.0f}"]
+        row += [fmt_size(t.median("disk_bytes"))] if disk else []
+        print("| " + " | ".join(row) + " |")
     pairs = [(h, s) for h in tools if h.hook for s in tools if not s.hook and s.method == h.method]
     if pairs:
         print("\n| hook method | vs standard tool | hook s | tool s | hook / tool time |")
@@ -470,9 +511,9 @@ def print_tables(tools: list[Tool], fx: Fixture, title: str, per_entry: bool) ->
         for h, s in pairs:
             if h.samples and s.samples:
                 hw, sw = h.median("wall"), s.median("wall")
-                print(f"| {h.method} | {s.name} | {hw:.2f} | {sw:.2f} | {hw / sw:.2f} |")
+                print(f"| {h.method} | {md(s.name)} | {hw:.2f} | {sw:.2f} | {hw / sw:.2f} |")
             else:
-                print(f"| {h.method} | {s.name} | - | - | - |")
+                print(f"| {h.method} | {md(s.name)} | - | - | - |")
     problems = [t for t in tools if t.error]
     for t in problems:
         print(f"\n⚠ {'hook ' + t.method if t.hook else t.name}: {t.error}")
@@ -486,17 +527,24 @@ def log(msg: str) -> None:
 # XFS (reflink) mode
 
 
-class XfsImage:
-    """A loop-mounted XFS (reflink=1) image file, unmounted and removed on exit."""
+MKFS = {
+    "xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],
+    "ext4": ["mkfs.ext4", "-q", "-F", "-i", "4096"],  # journaled; inodes for --small-files
+}
 
-    def __init__(self, image: Path, size_bytes: int) -> None:
-        self.image, self.mnt, self.size = image, image.with_suffix(".mnt"), size_bytes
+
+class LoopFs:
+    """A filesystem in a sparse image file, loop-mounted; unmounted and removed on exit."""
+
+    def __init__(self, fstype: str, image: Path, size_bytes: int) -> None:
+        self.fstype, self.image, self.size = fstype, image, size_bytes
+        self.mnt = image.with_suffix(".mnt")
 
     def __enter__(self) -> Path:
         self.image.unlink(missing_ok=True)
         with open(self.image, "wb") as f:
-            f.truncate(self.size)  # sparse
-        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(self.image)], check=True)
+            f.truncate(self.size)
+        subprocess.run([*MKFS[self.fstype], str(self.image)], check=True)
         self.mnt.mkdir(exist_ok=True)
         subprocess.run(["mount", "-o", "loop", str(self.image), str(self.mnt)], check=True)
         return self.mnt
@@ -505,6 +553,27 @@ class XfsImage:
         subprocess.run(["umount", str(self.mnt)], check=False)
         self.mnt.rmdir()
         self.image.unlink(missing_ok=True)
+
+
+def ext4_without_journal(path: Path) -> bool:
+    """Whether path is on an ext4 without a journal.
+
+    There every new inode is checked against recently (60 s) deleted ones, so
+    creating files right after deleting many (the previous run's output) costs
+    ~0.7 ms each, for every tool alike: use --ext4 (or --xfs) to measure on a
+    normal filesystem instead.
+    """
+    dev = os.stat(path).st_dev
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[2] == want and fields[sep + 1] == "ext4":
+                name = os.path.basename(fields[sep + 2])
+                has_journal = any(Path("/proc/fs/jbd2").glob(f"{name}-*"))
+                return Path("/proc/fs/ext4", name).exists() and not has_journal
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -542,6 +611,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--xfs", action="store_true", help="on a loop-mounted XFS with reflink: hook copy vs cp -a"
     )
     p.add_argument(
+        "--ext4",
+        action="store_true",
+        help="put the fixture and the outputs on a loop-mounted ext4 (with a journal)",
+    )
+    p.add_argument(
         "--small-files",
         type=int,
         nargs="?",
@@ -550,12 +624,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="benchmark a tree of N empty files instead (default N 50000)",
     )
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--no-sync",
+        action="store_true",
+        help="don't add sync (syncfs/fsync, as the hook does) to the standard tools' time",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the first-round output checks")
     a = p.parse_args(argv)
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = set(a.methods) - set(HOOK_METHODS)
     if unknown:
         p.error(f"unknown method(s): {', '.join(sorted(unknown))}")
+    if a.xfs and a.ext4:
+        p.error("--xfs and --ext4 exclude each other")
     if a.xfs:
         a.methods = ["copy"]
     return a
@@ -565,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("bench.py must run as root (mknod whiteouts, trusted.* xattrs, loop mounts)")
-    need = ["cp", "tar", "gzip", "pigz", "zstd", "sh"] + (["mkfs.xfs", "mount"] if a.xfs else [])
+    fstype = "xfs" if a.xfs else "ext4" if a.ext4 else None
+    need = ["cp", "tar", "gzip", "pigz", "zstd", "sh"] + (MKFS[fstype][:1] if fstype else [])
     missing = [n for n in need if not shutil.which(n)]
     if missing:
         sys.exit(f"missing tools: {', '.join(missing)}")
@@ -583,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         fx_name, title = f"fixture-data-{a.size_mb}-s{a.seed}", f"data upperdir, {a.size_mb} MiB"
 
     tools_spec = XFS_TOOLS if a.xfs else STANDARD_TOOLS
-    tools: list[Tool] = []
+    tools: list[Tool] = [Tool("hook no-op", NO_OP, True)] if run_hook else []
     for m in a.methods:
         if run_hook:
             tools.append(Tool(f"hook {m}", m, True))
@@ -603,22 +685,41 @@ def main(argv: list[str] | None = None) -> int:
             for tool in order:
                 if tool.error and not tool.samples:
                     continue  # failed before: don't retry every round
-                run_tool(tool, fx, scratch, hook_args, check=r == 0 and not a.no_check)
+                run_tool(
+                    tool,
+                    fx,
+                    scratch,
+                    hook_args,
+                    check=r == 0 and not a.no_check,
+                    sync=not a.no_sync,
+                )
         shutil.rmtree(scratch, ignore_errors=True)
         print_tables(
             tools,
             fx,
-            title + (" on XFS (reflink=1, loop)" if a.xfs else ""),
+            title
+            + ({"xfs": " on XFS (reflink=1, loop)", "ext4": " on ext4 (loop)"}.get(fstype, "")),
             per_entry=a.small_files is not None,
+            disk=a.xfs,
+            note=note,
         )
-        print(f"\ncommand: {' '.join(shlex.quote(x) for x in sys.argv)}")
+        print(f"\ncommand: {shlex.join([sys.executable, *sys.argv])}")
         if run_hook:
-            print(f"hook: {' '.join(hook_args)}  (empty environment, state JSON on stdin)")
+            print(f"hook: {shlex.join(hook_args)}  (empty environment, state JSON on stdin)")
 
-    if a.xfs:
+    note = "warm cache; standard tools " + (
+        "without a final sync" if a.no_sync else "timed with a final sync/syncfs, as the hook"
+    )
+    if not fstype and ext4_without_journal(a.workdir):
+        log(f"{a.workdir} is on ext4 without a journal: see --ext4")
+        note += (
+            "; NOTE: outputs on an ext4 without a journal, where creating files soon after"
+            " deleting many is slow for every tool (see --ext4)"
+        )
+    if fstype:
         fixture_mb = a.size_mb if a.small_files is None else 64
         image_bytes = (fixture_mb * 3 + 1024) * MIB
-        with XfsImage(a.workdir / "bench-xfs.img", image_bytes) as mnt:
+        with LoopFs(fstype, a.workdir / f"bench-{fstype}.img", image_bytes) as mnt:
             bench(mnt)
     else:
         bench(a.workdir)
