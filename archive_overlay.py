@@ -31,6 +31,7 @@ import stat
 import struct
 import sys
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -574,6 +575,14 @@ def renameat2(dir_fd: int, old: str, new: str, flags: int) -> None:
         raise OSError(err, os.strerror(err), new)
 
 
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Let the disk start on a file's data now, so the final sync has less left to do."""
+    _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
+
+
 def syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
@@ -787,6 +796,8 @@ def write_success(path: str, allow_dirs: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------------------
 
 FICLONE = 0x40049409
+WRITEBACK_SIZE = 1 << 20
+CREATOR = (os.geteuid(), os.getegid())  # who owns what the hook creates
 COPY_CHUNK = 1 << 30
 
 
@@ -851,20 +862,41 @@ def copy_data(src: int, dst: int, size: int, can_clone: list[bool]) -> None:
             copied += n
 
 
-def set_metadata(path: bytes, st: os.stat_result, xattrs: dict[str, bytes], xw: XattrWriter,
-                 fd: int | None = None) -> None:  # fmt: skip
-    """Owner, then mode (chown clears setuid), then xattrs (chown clears capabilities), then times."""
-    target: bytes | int = fd if fd is not None else path
-    is_link = stat.S_ISLNK(st.st_mode)
-    os.chown(target, st.st_uid, st.st_gid, follow_symlinks=fd is not None)
-    if not is_link:
+def set_metadata(target: bytes | int, st: os.stat_result, xattrs: dict[str, bytes],
+                 xw: XattrWriter, mode_is_set: bool = True) -> None:  # fmt: skip
+    """Owner, mode, xattrs, then times, each only where the new entry differs.
+
+    chown clears setuid bits and capabilities, so mode and xattrs come after it.
+    Entries are created with their final permissions (umask 0): chmod is needed
+    only for directories (made 0700 to be filled) and setuid/setgid/sticky bits.
+    """
+    is_link, is_fd = stat.S_ISLNK(st.st_mode), isinstance(target, int)
+    if (st.st_uid, st.st_gid) != CREATOR:
+        os.chown(target, st.st_uid, st.st_gid, follow_symlinks=is_fd)
+    if not is_link and (not mode_is_set or st.st_mode & 0o7000):
         os.chmod(target, stat.S_IMODE(st.st_mode))
-    xw.set_all(target, xattrs)
+    if xattrs:
+        xw.set_all(target, xattrs)
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=not is_link)
 
 
-def write_copy(entries: Iterable[Entry], root_fd: int, archive: Archive) -> Stats:
+def write_copy(entries: Iterable[Entry], root_fd: int, shown_root: str, archive: Archive) -> Stats:
+    """The tree under the directory root_fd; errors name paths under shown_root."""
     base = f"/proc/self/fd/{root_fd}/".encode()
+    old_umask = os.umask(0)  # entries are created with their own permissions
+    try:
+        return copy_entries(entries, base, archive)
+    except OSError as exc:
+        for attr in ("filename", "filename2"):
+            name = getattr(exc, attr)
+            if isinstance(name, bytes) and name.startswith(base):
+                setattr(exc, attr, os.fsencode(shown_root) + b"/" + name[len(base) :])
+        raise
+    finally:
+        os.umask(old_umask)
+
+
+def copy_entries(entries: Iterable[Entry], base: bytes, archive: Archive) -> Stats:
     xw = XattrWriter(archive.name)
     links: dict[tuple[int, int], bytes] = {}
     dirs: list[tuple[bytes, Entry]] = []
@@ -882,8 +914,8 @@ def write_copy(entries: Iterable[Entry], root_fd: int, archive: Archive) -> Stat
         if stat.S_ISSOCK(mode):
             log.warning("socket skipped", archive=archive.name, path=os.fsdecode(entry.path))
             continue
-        key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and not entry.is_whiteout:
+            key = (st.st_dev, st.st_ino)
             if key in links:
                 os.link(links[key], dst, follow_symlinks=False)
                 continue
@@ -895,12 +927,12 @@ def write_copy(entries: Iterable[Entry], root_fd: int, archive: Archive) -> Stat
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(entry.path), dst)
         elif stat.S_ISFIFO(mode):
-            os.mkfifo(dst, 0o600)
+            os.mkfifo(dst, stat.S_IMODE(mode))
         else:  # character and block devices, whiteouts among them
-            os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+            os.mknod(dst, mode, st.st_rdev)
         set_metadata(dst, st, entry.xattrs, xw)
     for dst, entry in reversed(dirs):  # children first: creating them changes a dir's mtime
-        set_metadata(dst, entry.st, entry.xattrs, xw)
+        set_metadata(dst, entry.st, entry.xattrs, xw, mode_is_set=False)
     return stats
 
 
@@ -908,11 +940,13 @@ def copy_file(entry: Entry, dst: bytes, xw: XattrWriter, can_clone: list[bool]) 
     src_fd = open_source(entry)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        dst_fd = os.open(dst, flags, 0o600)
+        dst_fd = os.open(dst, flags, stat.S_IMODE(entry.st.st_mode) & 0o777)
         try:
             if entry.st.st_size:
                 copy_data(src_fd, dst_fd, entry.st.st_size, can_clone)
-            set_metadata(dst, entry.st, entry.xattrs, xw, fd=dst_fd)
+                if entry.st.st_size >= WRITEBACK_SIZE:
+                    start_writeback(dst_fd)
+            set_metadata(dst_fd, entry.st, entry.xattrs, xw)
         finally:
             os.close(dst_fd)
     finally:
@@ -963,7 +997,14 @@ def ustar_block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: in
         b" " * 8, typeflag, linkname, b"ustar\x0000", uname, gname,
         b"%07o" % devmajor, b"%07o" % devminor, b"",
     )  # fmt: skip
-    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
+    return header[:148] + b"%06o\0 " % byte_sum(header) + header[156:]
+
+
+def byte_sum(block: bytes) -> int:
+    """sum(block), in C: adler32's low half is 1 + the byte sum mod 65521, and the
+    sum of 256 bytes (at most 65280) never wraps.  Twice as fast per member."""
+    view = memoryview(block)
+    return (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
 
 
 def member_name(entry: Entry) -> bytes:
@@ -1273,7 +1314,8 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
     try:
         if is_dir:
             root_fd = dest.make_temp_dir()
-            stats = write_copy(entries, root_fd, archive)
+            shown_root = posixpath.join(dest.parent, dest.tmp_name)
+            stats = write_copy(entries, root_fd, shown_root, archive)
             syncfs(root_fd)
         else:
             fd = dest.make_temp_file()
