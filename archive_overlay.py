@@ -121,6 +121,7 @@ def configure_logging(level: str, use_syslog: bool, log_file: str | None) -> Non
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            one_line_values,
             structlog.processors.LogfmtRenderer(
                 key_order=["timestamp", "level", "event"], drop_missing=True
             ),
@@ -131,6 +132,15 @@ def configure_logging(level: str, use_syslog: bool, log_file: str | None) -> Non
     )
     for event, fields in problems:
         log.warning(event, **fields)
+
+
+def one_line_values(logger: object, method: str, event_dict: dict) -> dict:
+    """Names from a container may hold newlines, NULs or bytes that are not UTF-8:
+    escape them, so that each record stays one readable line."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and not value.isprintable():
+            event_dict[key] = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+    return event_dict
 
 
 def is_socket(path: str) -> bool:
@@ -235,7 +245,7 @@ MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to chown
 def parse_owner(value: str) -> tuple[int, int] | None:
     """`UID` or `UID:GID`, decimal integers only; a bare UID means gid 0."""
     parts = value.split(":")
-    if len(parts) > 2 or not all(p.isascii() and p.isdigit() for p in parts):
+    if len(parts) > 2 or not all(p.isascii() and p.isdigit() and len(p) <= 10 for p in parts):
         return None
     ids = [int(p) for p in parts] + [0]
     if max(ids) > MAX_ID:
@@ -654,6 +664,39 @@ def remove_at(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
+def temp_name(name: str) -> str:
+    """A temporary beside `name`, recognisable as ours and as whose (the pid)."""
+    return f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def remove_stale_temporaries(dir_fd: int, name: str, shown_dir: str) -> None:
+    """Temporaries for `name` left by runs killed mid-write (SIGKILL): remove them."""
+    prefix = f".{name}{TMP_MARK}"
+    for entry in os.listdir(dir_fd):
+        if entry.startswith(prefix) and is_stale(dir_fd, entry, entry[len(prefix) :]):
+            log.info("removing a stale temporary", path=posixpath.join(shown_dir, entry))
+            with contextlib.suppress(OSError):
+                remove_at(dir_fd, entry)
+
+
+def is_stale(dir_fd: int, name: str, suffix: str) -> bool:
+    """Its writer is gone: the pid in its name is dead and nobody holds its lock."""
+    pid = suffix.partition("-")[0]
+    if not pid.isdigit() or (int(pid) != os.getpid() and pid_alive(int(pid))):
+        return False
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -677,7 +720,7 @@ class Destination:
             raise ArchiveError(
                 f"cannot open the directory of archive-to: {describe(exc)}"
             ) from None
-        self.tmp_name = f".{self.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp_name = temp_name(self.name)
         self.lock_fd: int | None = None
 
     def close(self) -> None:
@@ -689,32 +732,6 @@ class Destination:
 
     def existing(self) -> os.stat_result | None:
         return lstat_at(self.dir_fd, self.name)
-
-    def remove_stale_temporaries(self) -> None:
-        """Temporaries of earlier runs killed mid-archive (SIGKILL): remove them."""
-        prefix = f".{self.name}{TMP_MARK}"
-        for name in os.listdir(self.dir_fd):
-            if not name.startswith(prefix) or not self._is_stale(name[len(prefix) :], name):
-                continue
-            log.info("removing a stale temporary", path=posixpath.join(self.parent, name))
-            with contextlib.suppress(OSError):
-                remove_at(self.dir_fd, name)
-
-    def _is_stale(self, suffix: str, name: str) -> bool:
-        pid = suffix.partition("-")[0]
-        if not pid.isdigit() or (int(pid) != os.getpid() and pid_alive(int(pid))):
-            return False  # its writer still runs
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
-        except OSError:
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
 
     def _lock(self, fd: int) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -764,9 +781,10 @@ class Destination:
             raise ArchiveError(f"archive-to {self.path} exists and is a directory")
 
 
-def write_file_at(dir_fd: int, name: str, data: bytes) -> None:
+def write_file_at(dir_fd: int, name: str, data: bytes, shown_dir: str) -> None:
     """A small file written whole under a temporary name, fsync'd, then renamed into place."""
-    tmp = f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    remove_stale_temporaries(dir_fd, name, shown_dir)
+    tmp = temp_name(name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
     try:
@@ -786,7 +804,7 @@ def write_success(path: str, allow_dirs: tuple[str, ...]) -> None:
     parent, name = posixpath.split(check_allowed(path, allow_dirs, "success"))
     dir_fd = open_dir_nofollow(parent, create=True)
     try:
-        write_file_at(dir_fd, name, b"")
+        write_file_at(dir_fd, name, b"", parent)
     finally:
         os.close(dir_fd)
 
@@ -1288,7 +1306,7 @@ def archive_one(archive: Archive, mounts: object, opts: Options) -> None:
         check_allowed(archive.success, opts.allow_dirs, "success")
     dest = Destination(archive.archive_to, opts.allow_dirs)
     try:
-        dest.remove_stale_temporaries()
+        remove_stale_temporaries(dest.dir_fd, dest.name, dest.parent)
         stats = write_archive(archive, upper, dest)
     finally:
         dest.close()
@@ -1333,7 +1351,7 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
         raise
     if stats.descriptor is not None:
         descriptor = json.dumps(stats.descriptor, indent=2).encode() + b"\n"
-        write_file_at(dest.dir_fd, dest.name + ".json", descriptor)
+        write_file_at(dest.dir_fd, dest.name + ".json", descriptor, dest.parent)
     return stats
 
 
@@ -1431,7 +1449,8 @@ def main(log_level: str, use_syslog: bool, log_file: str | None, mount_program: 
         status = run(sys.stdin.buffer.read(), opts)
     except Terminated:
         log.error("terminated by SIGTERM: temporaries removed, nothing half-written")
-        status = EXIT_ARCHIVE_FAILED
+        # Exit now: a compressor thread interrupted mid-block would never finish.
+        os._exit(EXIT_ARCHIVE_FAILED)
     sys.exit(status)
 
 

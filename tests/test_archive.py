@@ -729,3 +729,14 @@ def test_readme_install_command_with_pipx(tmp_path):
         env={},
     )
     assert version.returncode == 0 and "archive_overlay, version" in version.stdout
+
+
+def test_each_record_stays_one_line(run_hook, tmp_path):
+    """A container-chosen name with a newline or a NUL cannot split or forge log records."""
+    annotations = archive_annotations(
+        "d", mount_point="/da\nta\x00level=info", archive_to=str(tmp_path / "x")
+    )
+    result = run_hook(hook_input(tmp_path, [], annotations))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and b"level=error" in lines[0] and b"\0" not in lines[0]

@@ -1,0 +1,738 @@
+"""Safety and reliability: where the hook may write, what it never follows, faults, kills, load.
+
+Every test changes files through a real overlayfs mount, runs the installed
+hook as a subprocess (empty environment, piped state JSON, as engines run it)
+and then checks what is on disk: the archive, the temporaries beside it, and
+the places that must stay untouched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+import signal
+import stat
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import Overlay, archive_annotations, requires_root, state_json, write_bundle
+
+pytestmark = requires_root
+
+TMP_MARK = ".archive_overlay-tmp-"
+HOOK_TIMEOUT = 60.0
+METHODS = ["copy", "tar.gz"]
+
+
+# --- running the hook -------------------------------------------------------
+
+
+@dataclass
+class HookRun:
+    returncode: int
+    log: str
+
+    def error_for(self, archive: str) -> str:
+        """The level=error line naming this archive; fails the test if there is none."""
+        for line in self.log.splitlines():
+            if "level=error" in line and f" archive={archive} " in f" {line} ":
+                return line
+        raise AssertionError(f"no level=error line for archive {archive!r} in:\n{self.log}")
+
+    def error_for_event(self, words: str) -> str:
+        """The level=error line whose event holds these words."""
+        for line in self.log.splitlines():
+            if "level=error" in line and words in line.partition("event=")[2]:
+                return line
+        raise AssertionError(f"no level=error line about {words!r} in:\n{self.log}")
+
+
+def hook(hook_bin: Path, state: str, *args: str, cwd: Path | None = None,
+         timeout: float = HOOK_TIMEOUT) -> HookRun:  # fmt: skip
+    """Run the installed hook as an engine does: empty environment, state JSON on stdin."""
+    proc = subprocess.run(
+        [str(hook_bin), *args], input=state.encode(), capture_output=True, env={},
+        cwd=cwd, timeout=timeout, check=False,
+    )  # fmt: skip
+    return HookRun(proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace"))
+
+
+def start_hook(hook_bin: Path, state: str, *args: str) -> subprocess.Popen:
+    """Start the hook in the background; its stdin is the state JSON (a file, as `<`)."""
+    with tempfile.TemporaryFile() as stdin:
+        stdin.write(state.encode())
+        stdin.seek(0)
+        return subprocess.Popen(
+            [str(hook_bin), *args], stdin=stdin, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env={},
+        )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: float = HOOK_TIMEOUT) -> HookRun:
+    """Wait for a started hook; one still running after `timeout` seconds fails the test."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"the hook was still running after {timeout} s; its log:\n{out.decode()}")
+    return HookRun(proc.returncode, out.decode(errors="replace"))
+
+
+def hook_state(tmp_path: Path, ovl: Overlay, archives: dict[str, dict[str, str]],
+               bundle: str = "bundle") -> str:  # fmt: skip
+    """A state JSON whose config.json mounts ovl at /data and asks for these archives.
+
+    archives: {name: {"archive_to": ..., "method": ..., "success": ...}}
+    """
+    annotations: dict[str, str] = {}
+    for name, args in archives.items():
+        annotations.update(archive_annotations(name, mount_point="/data", **args))
+    return state_json(write_bundle(tmp_path / bundle, [ovl.mount_entry("/data")], annotations))
+
+
+# --- building upperdirs through real overlay mounts ---------------------------
+
+
+@contextmanager
+def mounted(ovl: Overlay, extra: str = "") -> Iterator[Path]:
+    """The overlay mounted for the time of a `with`: changes go through merged."""
+    ovl.mount(extra)
+    try:
+        yield ovl.merged
+    finally:
+        ovl.unmount()
+
+
+def small_tree(ovl: Overlay, tag: str = "") -> Overlay:
+    """A lower with two files; through the mount: new files, a dir, a symlink, a deletion."""
+    (ovl.lower / "kept").write_text("kept\n")
+    (ovl.lower / "gone").write_text("deleted by the container\n")
+    with mounted(ovl) as merged:
+        (merged / "hello").write_text(f"hello {tag}\n")
+        (merged / "dir").mkdir()
+        (merged / "dir" / "file").write_bytes(os.urandom(4096) + tag.encode())
+        os.symlink("../hello", merged / "dir" / "link")
+        (merged / "gone").unlink()  # a whiteout: char 0/0
+    return ovl
+
+
+def random_files(merged: Path, count: int, size: int) -> None:
+    for i in range(count):
+        (merged / f"data{i:03}").write_bytes(os.urandom(size))
+
+
+# --- describing trees and archives, never following a link ---------------------
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe(path: Path) -> tuple:
+    """(type, mode, uid, gid, content digest | link target | device numbers)."""
+    st = os.lstat(path)
+    payload: object = None
+    if stat.S_ISREG(st.st_mode):
+        payload = digest(path)
+    elif stat.S_ISLNK(st.st_mode):
+        payload = os.readlink(path)
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        payload = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    return (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, payload)
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every entry under root ("." for root itself); an absent root is {}."""
+    if not os.path.lexists(root):
+        return {}
+    entries = {".": describe(root)}
+    if not root.is_symlink() and root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root):  # does not enter symlinked dirs
+            for name in dirnames + filenames:
+                path = Path(dirpath) / name
+                entries[str(path.relative_to(root))] = describe(path)
+    return entries
+
+
+def tar_tree(archive: Path) -> dict[str, tuple]:
+    """What a tar archive holds, described as `tree` describes a directory."""
+    kinds = {
+        tarfile.REGTYPE: stat.S_IFREG, tarfile.SYMTYPE: stat.S_IFLNK, tarfile.DIRTYPE: stat.S_IFDIR,
+        tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO,
+    }  # fmt: skip
+    entries = {}
+    with tarfile.open(archive, "r:*") as tar:
+        for m in tar.getmembers():
+            assert m.name == "." or m.name.startswith("./"), m.name
+            payload: object = None
+            if m.isreg():
+                f = tar.extractfile(m)
+                assert f is not None
+                payload = hashlib.sha256(f.read()).hexdigest()
+            elif m.issym():
+                payload = m.linkname
+            elif m.ischr() or m.isblk():
+                payload = (m.devmajor, m.devminor)
+            entries[os.path.normpath(m.name)] = (kinds[m.type], m.mode, m.uid, m.gid, payload)
+    return entries
+
+
+def archived(archive_to: Path, method: str) -> dict[str, tuple]:
+    return tree(archive_to) if method == "copy" else tar_tree(archive_to)
+
+
+def assert_archive_of(archive_to: Path, method: str, upper: Path) -> None:
+    if method == "copy":
+        assert not archive_to.is_symlink() and archive_to.is_dir(), archive_to
+    else:
+        assert not archive_to.is_symlink() and archive_to.is_file(), archive_to
+    assert archived(archive_to, method) == tree(upper)
+
+
+def temporaries(directory: Path) -> list[Path]:
+    """The hook's temporaries under directory (their names hold `.archive_overlay-tmp-`)."""
+    return [p for p in directory.rglob("*") if TMP_MARK in p.name]
+
+
+def make_older_archive(archive_to: Path, method: str) -> None:
+    """An archive from an earlier run, to be kept intact when a new one fails."""
+    archive_to.parent.mkdir(parents=True, exist_ok=True)
+    source = archive_to.parent / "older-source"
+    source.mkdir()
+    (source / "older").write_text("an older archive\n")
+    if method == "copy":
+        source.rename(archive_to)
+        return
+    with tarfile.open(archive_to, "w:gz") as tar:
+        tar.add(source, arcname=".")
+    (source / "older").unlink()
+    source.rmdir()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """Factory: tmpfs(name, options) -> a fresh tmpfs mounted at tmp_path/name."""
+    mounted_dirs: list[Path] = []
+
+    def mount(name: str, options: str = "size=1m") -> Path:
+        target = tmp_path / name
+        target.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], check=True)
+        mounted_dirs.append(target)
+        return target
+
+    yield mount
+    for target in reversed(mounted_dirs):
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+# --- --allow-dir and absolute paths ------------------------------------------------
+
+
+@pytest.fixture
+def places(tmp_path: Path) -> Path:
+    """tmp/places: allowed/ (with links out of it), outside/, allowed2/, other/."""
+    root = tmp_path / "places"
+    for d in ("allowed", "outside", "allowed2", "other", "allowed/real"):
+        (root / d).mkdir(parents=True)
+    (root / "outside" / "precious").write_text("must stay as it is\n")
+    os.symlink(root / "outside", root / "allowed" / "link")  # a dir symlink leading out
+    os.symlink(root / "allowed" / "real", root / "allowed" / "inner")  # one staying inside
+    return root
+
+
+def allow(places: Path) -> list[str]:
+    return ["--allow-dir", str(places / "other"), "--allow-dir", str(places / "allowed")]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "archive_to, lands_at",
+    [
+        ("allowed/archive", "allowed/archive"),
+        ("allowed/new/sub/archive", "allowed/new/sub/archive"),
+        ("allowed/real/../archive", "allowed/archive"),
+        ("allowed/inner/archive", "allowed/real/archive"),
+    ],
+)
+def test_allow_dir_inside_is_written(hook_bin, make_overlay, tmp_path, places, method,
+                                     archive_to, lands_at):  # fmt: skip
+    ovl = small_tree(make_overlay())
+    success = places / "allowed" / "done" / "ok"
+    archive = {"archive_to": str(places / archive_to), "method": method, "success": str(success)}
+    outside_before = tree(places / "outside")
+    run = hook(hook_bin, hook_state(tmp_path, ovl, {"data": archive}), *allow(places))
+    assert run.returncode == 0, run.log
+    assert_archive_of(places / lands_at, method, ovl.upper)
+    assert success.is_file()
+    assert tree(places / "outside") == outside_before
+    assert temporaries(places) == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "archive_to",
+    [
+        "outside/archive",
+        "allowed/../outside/archive",  # `..` is resolved
+        "allowed/link/archive",  # a symlink on the way leads out
+        "allowed/link/new/archive",  # ... also when directories would be created
+        "allowed2/archive",  # a sibling whose name starts with the allowed dir's
+        "allowed",  # the allowed directory itself is not inside it
+    ],
+)
+def test_allow_dir_refuses_archive_to_outside(hook_bin, make_overlay, tmp_path, places, method,
+                                              archive_to):  # fmt: skip
+    ovl = small_tree(make_overlay())
+    success = places / "allowed" / "ok"
+    path = str(places / archive_to)
+    before = tree(places)
+    run = hook(
+        hook_bin,
+        hook_state(tmp_path, ovl, {"data": {"archive_to": path, "method": method,
+                                            "success": str(success)}}),
+        *allow(places),
+    )  # fmt: skip
+    assert run.returncode == 1, run.log
+    line = run.error_for("data")
+    assert path in line and "allow" in line.replace(str(places), ""), line  # says why
+    assert tree(places) == before  # nothing written, not even a temporary or a parent dir
+
+
+@pytest.mark.parametrize(
+    "success",
+    ["outside/ok", "allowed/../outside/ok", "allowed/link/ok", "allowed2/ok"],
+)
+def test_allow_dir_refuses_success_outside(hook_bin, make_overlay, tmp_path, places, success):
+    ovl = small_tree(make_overlay())
+    path = str(places / success)
+    before = tree(places)
+    archive = {"archive_to": str(places / "allowed" / "archive"), "success": path}
+    run = hook(hook_bin, hook_state(tmp_path, ovl, {"data": archive}), *allow(places))
+    assert run.returncode == 1, run.log
+    line = run.error_for("data")
+    assert path in line and "allow" in line.replace(str(places), ""), line  # says why
+    assert tree(places) == before  # the archive is refused whole: no success, no archive
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_archive_to_symlink_leading_out_is_not_written_through(hook_bin, make_overlay, tmp_path,
+                                                                 places, method):  # fmt: skip
+    """archive-to itself a symlink to outside: replaced by the archive, or refused; never followed."""
+    ovl = small_tree(make_overlay())
+    link = places / "allowed" / "final"
+    os.symlink(places / "outside" / "archive", link)
+    outside_before = tree(places / "outside")
+    archive = {"archive_to": str(link), "method": method}
+    run = hook(hook_bin, hook_state(tmp_path, ovl, {"data": archive}), *allow(places))
+    assert tree(places / "outside") == outside_before
+    if run.returncode == 0:
+        assert_archive_of(link, method, ovl.upper)  # the link itself was replaced
+    else:
+        assert run.returncode == 1, run.log
+        assert str(link) in run.error_for("data")
+        assert os.readlink(link) == str(places / "outside" / "archive")
+    assert temporaries(places) == []
+
+
+def test_success_symlink_leading_out_is_not_written_through(hook_bin, make_overlay, tmp_path,
+                                                              places):  # fmt: skip
+    ovl = small_tree(make_overlay())
+    link = places / "allowed" / "ok"
+    os.symlink(places / "outside" / "precious", link)
+    outside_before = tree(places / "outside")
+    archive = {"archive_to": str(places / "allowed" / "archive"), "success": str(link)}
+    run = hook(hook_bin, hook_state(tmp_path, ovl, {"data": archive}), *allow(places))
+    assert run.returncode in (0, 1), run.log
+    assert tree(places / "outside") == outside_before  # not truncated through the link
+    if run.returncode == 0:
+        assert not link.is_symlink() and link.is_file()  # the link itself was replaced
+    else:
+        assert str(link) in run.error_for("data")
+
+
+@pytest.mark.parametrize("with_allow_dir", [False, True])
+@pytest.mark.parametrize("relative", ["archive-to", "success"])
+def test_relative_paths_are_refused(hook_bin, make_overlay, tmp_path, relative, with_allow_dir):
+    ovl = small_tree(make_overlay())
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+    out.mkdir()
+    archive = {"archive_to": str(out / "archive"), "success": str(out / "ok")}
+    path = "rel/archive" if relative == "archive-to" else "rel/ok"
+    archive[relative.replace("-", "_")] = path
+    args = ["--allow-dir", str(cwd), "--allow-dir", str(out)] if with_allow_dir else []
+    run = hook(hook_bin, hook_state(tmp_path, ovl, {"data": archive}), *args, cwd=cwd)
+    assert run.returncode == 1, run.log
+    line = run.error_for("data")
+    assert path in line and "absolute" in line, line
+    assert list(cwd.iterdir()) == [] and list(out.iterdir()) == []
+
+
+# --- nothing in the upperdir is followed ----------------------------------------------
+
+
+@pytest.fixture
+def hostile_overlay(make_overlay, tmp_path: Path) -> Overlay:
+    """An upperdir holding links to host secrets, a FIFO and a /dev/zero device node."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "secret").write_bytes(SECRET)
+    ovl = make_overlay()
+    with mounted(ovl) as merged:
+        os.symlink("/etc/shadow", merged / "shadow")
+        os.symlink(str(host), merged / "host-dir")
+        os.symlink(str(host / "secret"), merged / "host-secret")
+        os.symlink("host-dir/secret", merged / "relative-secret")
+        os.mkfifo(merged / "fifo")
+        os.mknod(merged / "zero", stat.S_IFCHR | 0o666, os.makedev(1, 5))  # reading never ends
+        (merged / "plain").write_text("plain\n")
+    return ovl
+
+
+SECRET = b"host secret 6f1c2a: must never be copied into an archive\n"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_upperdir_symlinks_fifos_and_devices_are_archived_not_followed(
+    hook_bin, hostile_overlay, tmp_path, method
+):
+    ovl = hostile_overlay
+    host_before = tree(tmp_path / "host")
+    archive_to = tmp_path / "out" / "archive"
+    state = hook_state(tmp_path, ovl, {"data": {"archive_to": str(archive_to), "method": method}})
+    run = hook(hook_bin, state, timeout=30)  # a FIFO or /dev/zero opened for reading would hang
+    assert run.returncode == 0, run.log
+    got = archived(archive_to, method)
+    assert got == tree(ovl.upper)
+    for name, target in [("shadow", "/etc/shadow"), ("host-dir", str(tmp_path / "host")),
+                         ("host-secret", str(tmp_path / "host" / "secret")),
+                         ("relative-secret", "host-dir/secret")]:  # fmt: skip
+        assert got[name][0] == stat.S_IFLNK and got[name][4] == target, (name, got[name])
+    assert got["fifo"][0] == stat.S_IFIFO
+    assert got["zero"][0] == stat.S_IFCHR and got["zero"][4] == (1, 5)
+    assert not any(name.startswith("host-dir/") for name in got)
+    assert SECRET not in archive_bytes(archive_to, method)
+    shadow = Path("/etc/shadow")
+    if shadow.is_file() and shadow.stat().st_size > 16:
+        assert shadow.read_bytes() not in archive_bytes(archive_to, method)
+    assert tree(tmp_path / "host") == host_before
+
+
+def archive_bytes(archive_to: Path, method: str) -> bytes:
+    """Every byte of data the archive holds: regular files' content, or the tar stream."""
+    if method != "copy":
+        return gzip.decompress(archive_to.read_bytes())
+    data = b""
+    for dirpath, _, filenames in os.walk(archive_to):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_file() and not path.is_symlink():
+                data += path.read_bytes()
+    return data
+
+
+# --- redirect_dir and metacopy upperdirs -------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "change, marker",
+    [("rename a directory", "trusted.overlay.redirect"),
+     ("chmod a lower file", "trusted.overlay.metacopy")],
+)  # fmt: skip
+def test_redirect_dir_and_metacopy_upperdirs_are_refused(hook_bin, make_overlay, tmp_path,
+                                                         method, change, marker):  # fmt: skip
+    ovl = make_overlay()
+    (ovl.lower / "dir").mkdir()
+    (ovl.lower / "dir" / "file").write_text("in the lower layer\n")
+    (ovl.lower / "file").write_bytes(os.urandom(1 << 16))
+    with mounted(ovl, "redirect_dir=on,metacopy=on") as merged:
+        (merged / "new").write_text("a plain new file\n")
+        if change == "rename a directory":
+            (merged / "dir").rename(merged / "moved")
+        else:
+            os.chmod(merged / "file", 0o600)
+    changed = ovl.upper / ("moved" if change == "rename a directory" else "file")
+    assert marker in os.listxattr(changed), f"the kernel did not write {marker}"
+    out = tmp_path / "out"
+    archive = {"archive_to": str(out / "archive"), "method": method, "success": str(out / "ok")}
+    run = hook(hook_bin, hook_state(tmp_path, ovl, {"data": archive}))
+    assert run.returncode == 1, run.log
+    line = run.error_for("data")
+    assert "redirect_dir" in line or "metacopy" in line, line
+    assert not (out / "archive").exists() and not (out / "ok").exists()
+    assert temporaries(out) == []
+
+
+# --- faults at the destination ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("older", [False, True], ids=["no-older-archive", "older-archive"])
+def test_destination_full(hook_bin, make_overlay, tmp_path, tmpfs, method, older):
+    """A 1 MiB tmpfs and a 3 MiB upperdir: that archive fails cleanly, the other is written."""
+    ovl = make_overlay()
+    with mounted(ovl) as merged:
+        random_files(merged, 3, 1 << 20)
+    small, roomy = tmpfs("small", "size=1m"), tmp_path / "roomy"
+    if older:
+        make_older_archive(small / "archive", method)
+    before = tree(small)
+    archives = {
+        "full": {"archive_to": str(small / "archive"), "method": method,
+                 "success": str(roomy / "full.ok")},
+        "roomy": {"archive_to": str(roomy / "archive"), "method": method,
+                  "success": str(roomy / "roomy.ok")},
+    }  # fmt: skip
+    run = hook(hook_bin, hook_state(tmp_path, ovl, archives))
+    assert run.returncode == 1, run.log
+    line = run.error_for("full")
+    assert str(small / "archive") in line and "No space left on device" in line, line
+    assert tree(small) == before  # absent, or the older archive intact; no temporary
+    assert not (roomy / "full.ok").exists()
+    assert_archive_of(roomy / "archive", method, ovl.upper)
+    assert (roomy / "roomy.ok").is_file()
+    assert temporaries(roomy) == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_destination_read_only(hook_bin, make_overlay, tmp_path, tmpfs, method):
+    ovl = small_tree(make_overlay())
+    ro = tmpfs("ro", "size=4m")
+    make_older_archive(ro / "archive", method)
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    before = tree(ro)
+    archives = {
+        "data": {"archive_to": str(ro / "archive"), "method": method},
+        "new": {"archive_to": str(ro / "sub" / "new"), "method": method},  # its parent made
+    }
+    run = hook(hook_bin, hook_state(tmp_path, ovl, archives))
+    assert run.returncode == 1, run.log
+    for name, path in (("data", ro / "archive"), ("new", ro / "sub" / "new")):
+        line = run.error_for(name)
+        assert str(path) in line and "Read-only file system" in line, line
+    assert tree(ro) == before
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parent_of_archive_to_is_a_file(hook_bin, make_overlay, tmp_path, method):
+    ovl = small_tree(make_overlay())
+    parent = tmp_path / "out" / "file"
+    parent.parent.mkdir()
+    parent.write_text("a file, not a directory\n")
+    before = tree(parent.parent)
+    archive_to = parent / "archive"
+    run = hook(hook_bin, hook_state(tmp_path, ovl, {"data": {"archive_to": str(archive_to),
+                                                             "method": method}}))  # fmt: skip
+    assert run.returncode == 1, run.log
+    line = run.error_for("data")
+    assert str(archive_to) in line and "Not a directory" in line, line
+    assert tree(parent.parent) == before
+
+
+@pytest.mark.parametrize(
+    "method, existing, message",
+    [("copy", "file", "is not a directory"), ("tar.gz", "directory", "is a directory")],
+)
+def test_archive_to_of_the_other_kind_is_kept(hook_bin, make_overlay, tmp_path, method,
+                                              existing, message):  # fmt: skip
+    ovl = small_tree(make_overlay())
+    out = tmp_path / "out"
+    archive_to = out / "archive"
+    out.mkdir()
+    if existing == "file":
+        archive_to.write_text("an existing file, not an archive directory\n")
+    else:
+        archive_to.mkdir()
+        (archive_to / "inside").write_text("an existing directory's content\n")
+    before = tree(out)
+    state = hook_state(tmp_path, ovl, {"data": {"archive_to": str(archive_to), "method": method,
+                                                "success": str(out / "ok")}})  # fmt: skip
+    run = hook(hook_bin, state)
+    assert run.returncode == 1, run.log
+    line = run.error_for("data")
+    assert str(archive_to) in line and message in line, line
+    assert tree(out) == before
+
+
+# --- an unusable upperdir ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["vanished", "a file", "parent vanished"])
+def test_upperdir_unusable(hook_bin, make_overlay, tmp_path, how):
+    ovl = small_tree(make_overlay())
+    subprocess.run(["rm", "-rf", str(ovl.upper)], check=True)
+    if how == "a file":
+        ovl.upper.write_text("not a directory\n")
+    elif how == "parent vanished":
+        subprocess.run(["rm", "-rf", str(ovl.root)], check=True)
+    out = tmp_path / "out"
+    archives = {m.replace(".", ""): {"archive_to": str(out / m), "method": m} for m in METHODS}
+    run = hook(hook_bin, hook_state(tmp_path, ovl, archives))
+    assert run.returncode == 1, run.log
+    for name in archives:
+        line = run.error_for(name)
+        assert "upperdir" in line and str(ovl.upper) in line, line
+    assert not out.exists() or (list(out.iterdir()) == [])
+
+
+# --- killed mid-archive ---------------------------------------------------------------------
+
+BIG_FILES, BIG_SIZE = 4, 48 << 20  # 192 MiB of random data: over a second to archive
+
+
+@pytest.fixture(scope="module")
+def big_overlay(tmp_path_factory) -> Iterator[Overlay]:
+    ovl = Overlay(tmp_path_factory.mktemp("big"))
+    for d in (ovl.lower, ovl.upper, ovl.work, ovl.merged):
+        d.mkdir()
+    (ovl.lower / "kept").write_text("kept\n")
+    with mounted(ovl) as merged:
+        random_files(merged, BIG_FILES, BIG_SIZE)
+        (merged / "small").write_text("small\n")
+    yield ovl
+    subprocess.run(["rm", "-rf", str(ovl.root)], check=False)
+
+
+def wait_for_temporary(directory: Path, name: str, proc: subprocess.Popen) -> Path:
+    """The hook's temporary for archive-to directory/name, once it holds some data."""
+    prefix = f".{name}{TMP_MARK}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for path in directory.iterdir() if directory.exists() else []:
+            if path.name.startswith(prefix) and has_data(path):
+                return path
+        if proc.poll() is not None:
+            pytest.fail(f"the hook ended before a temporary appeared:\n{finish(proc).log}")
+        time.sleep(0.001)
+    proc.kill()
+    pytest.fail(f"no temporary in {directory} after 30 s")
+
+
+def has_data(path: Path) -> bool:
+    try:
+        return any(path.iterdir()) if path.is_dir() else path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def kill_mid_archive(hook_bin: Path, state: str, archive_to: Path,
+                     sig: int) -> tuple[HookRun, Path]:  # fmt: skip
+    """Start the hook, send sig once its temporary holds data; the hook must end within 20 s."""
+    proc = start_hook(hook_bin, state)
+    temporary = wait_for_temporary(archive_to.parent, archive_to.name, proc)
+    proc.send_signal(sig)
+    return finish(proc, timeout=20), temporary
+
+
+SIGTERM_ROUNDS = 4  # where SIGTERM lands varies: a hang after some of them must show
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sigterm_mid_archive_removes_the_temporary(hook_bin, big_overlay, tmp_path, method):
+    out = tmp_path / "out"
+    archive_to = out / "archive"
+    make_older_archive(archive_to, method)
+    before = tree(out)
+    archive = {"archive_to": str(archive_to), "method": method, "success": str(out / "ok"),
+               "compression_level": "0"}  # fmt: skip
+    state = hook_state(tmp_path, big_overlay, {"data": archive})
+    for _ in range(SIGTERM_ROUNDS):
+        run, temporary = kill_mid_archive(hook_bin, state, archive_to, signal.SIGTERM)
+        assert run.returncode == 1, run.log
+        assert "SIGTERM" in run.error_for_event("terminated")
+        assert not os.path.lexists(temporary)
+        assert tree(out) == before  # the older archive untouched, no temporary, no success file
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sigkill_mid_archive_then_the_next_run_cleans_up(hook_bin, big_overlay, tmp_path, method):
+    out = tmp_path / "out"
+    archive_to = out / "archive"
+    make_older_archive(archive_to, method)
+    before = tree(archive_to)
+    archive = {"archive_to": str(archive_to), "method": method, "success": str(out / "ok"),
+               "compression_level": "0"}  # fmt: skip
+    state = hook_state(tmp_path, big_overlay, {"data": archive})
+    run, temporary = kill_mid_archive(hook_bin, state, archive_to, signal.SIGKILL)
+    assert run.returncode == -signal.SIGKILL, run.log
+    assert tree(archive_to) == before  # never partial: the older archive as it was
+    assert not (out / "ok").exists()
+    assert os.path.lexists(temporary)  # left behind, under a name saying what it is
+    assert re.fullmatch(rf"\.archive\.archive_overlay-tmp-{run_pid(temporary)}-[0-9a-f]+",
+                        temporary.name), temporary.name  # fmt: skip
+    assert temporaries(out) == [temporary]
+
+    again = hook(hook_bin, state)
+    assert again.returncode == 0, again.log
+    assert not os.path.lexists(temporary)
+    assert temporaries(out) == []
+    assert_archive_of(archive_to, method, big_overlay.upper)
+    assert (out / "ok").is_file()
+    subprocess.run(["rm", "-rf", str(out)], check=False)
+
+
+def run_pid(temporary: Path) -> str:
+    return temporary.name.split(TMP_MARK)[1].split("-")[0]
+
+
+# --- load ------------------------------------------------------------------------------
+
+
+def test_32_hooks_at_once(hook_bin, make_overlay, tmp_path):
+    overlays = [small_tree(make_overlay(f"ovl{i}"), tag=str(i)) for i in range(32)]
+    out = tmp_path / "out"
+    jobs = []
+    for i, ovl in enumerate(overlays):
+        method = METHODS[i % 2]
+        archive = {"archive_to": str(out / f"archive{i}"), "method": method,
+                   "success": str(out / f"ok{i}")}  # fmt: skip
+        state = hook_state(tmp_path, ovl, {"data": archive}, bundle=f"bundle{i}")
+        jobs.append((ovl, method, i, start_hook(hook_bin, state)))
+    for ovl, method, i, proc in jobs:
+        run = finish(proc, timeout=120)
+        assert run.returncode == 0, run.log
+        assert_archive_of(out / f"archive{i}", method, ovl.upper)
+        assert (out / f"ok{i}").is_file()
+    assert temporaries(out) == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_hooks_writing_one_archive_to(hook_bin, make_overlay, tmp_path, method):
+    """Each round, two hooks race for one archive-to: it ends as one of them, whole."""
+    sides = []
+    for side in ("a", "b"):
+        ovl = make_overlay(side)
+        with mounted(ovl) as merged:
+            random_files(merged, 24, 256 << 10)
+            (merged / f"only-in-{side}").write_text(side)
+        sides.append(ovl)
+    expected = [tree(ovl.upper) for ovl in sides]
+    out = tmp_path / "out"
+    archive_to = out / "archive"
+    states = [
+        hook_state(tmp_path, ovl, {"data": {"archive_to": str(archive_to), "method": method}},
+                   bundle=f"bundle-{i}")
+        for i, ovl in enumerate(sides)
+    ]  # fmt: skip
+    for _ in range(4):
+        procs = [start_hook(hook_bin, state) for state in states]
+        runs = [finish(proc) for proc in procs]
+        assert [r.returncode for r in runs] == [0, 0], "\n".join(r.log for r in runs)
+        assert archived(archive_to, method) in expected  # one of them exactly, never a mix
+        assert temporaries(out) == []
