@@ -981,6 +981,7 @@ BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default record: readers expect archives padded to it
 READ_CHUNK = 1 << 20
 DEFAULT_LEVELS = {"gzip": 2, "zstd": 3}
+ZSTD_JOB_SIZE = 2 << 20
 
 
 TYPEFLAGS = {
@@ -1140,7 +1141,11 @@ class TarSink:
             import zstandard
 
             level = DEFAULT_LEVELS["zstd"] if level is None else level
-            cctx = zstandard.ZstdCompressor(level=level, threads=-1)
+            # Small jobs keep both threads' buffers (and peak RSS) within bounds.
+            params = zstandard.ZstdCompressionParameters.from_level(
+                level, threads=2, job_size=ZSTD_JOB_SIZE
+            )
+            cctx = zstandard.ZstdCompressor(compression_params=params)
             self.stream = cctx.stream_writer(self.out, closefd=False)
         self.written = 0  # uncompressed tar bytes
         self.tar_digest = hashlib.sha256() if hashing else None
