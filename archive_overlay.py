@@ -1326,6 +1326,7 @@ def archive_one(archive: Archive, mounts: object, opts: Options) -> None:
         method=archive.method,
         entries=stats.entries,
         bytes=stats.bytes,
+        **({"archive_bytes": stats.archive_bytes} if archive.method != "copy" else {}),
         seconds=round(time.monotonic() - started, 3),
     )
 
