@@ -33,7 +33,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import BinaryIO, Callable, NoReturn
 
@@ -490,10 +490,11 @@ OPAQUE_WHITEOUT = b".wh..wh..opq"
 
 @dataclass
 class Entry:
+    __slots__ = ("path", "rel", "st", "xattrs")  # one per upperdir entry: keep it light
     rel: bytes  # b"." for the root, else b"dir/name"
     path: bytes  # where to read it
     st: os.stat_result
-    xattrs: dict[str, bytes] = field(default_factory=dict)
+    xattrs: dict[str, bytes]
 
     @property
     def is_whiteout(self) -> bool:
@@ -524,37 +525,39 @@ def list_dir(path: bytes, rel_dir: bytes) -> Iterator[Entry]:
         yield Entry(rel_dir + name, child, os.lstat(child), read_xattrs(child))
 
 
-def walk(root: str) -> Iterator[Entry]:
-    """Every entry of the tree at root, depth first, each directory before its children."""
-    top = os.fsencode(root)
+def walk(upper: Upper) -> Iterator[Entry]:
+    """Every entry of the upperdir, depth first, each directory before its children."""
+    top = os.fsencode(upper.path)
     try:
         st = os.lstat(top)
     except OSError as exc:
         raise ArchiveError(f"cannot read upperdir: {describe(exc)}") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise ArchiveError(f"upperdir {root} is not a directory")
-    yield Entry(b".", top, st, read_xattrs(top))
+        raise ArchiveError(f"upperdir {upper.path} is not a directory")
+    root = Entry(b".", top, st, read_xattrs(top))
+    check_representable(root, upper)
+    yield root
     stack = [list_dir(top, b"")]  # an explicit stack: a container may nest dirs deeply
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
             stack.pop()
             continue
+        if entry.xattrs:
+            check_representable(entry, upper)
         yield entry
         if stat.S_ISDIR(entry.st.st_mode):
             stack.append(list_dir(entry.path, entry.rel + b"/"))
 
 
-def check_representable(entries: Iterable[Entry], upper: Upper) -> Iterator[Entry]:
-    """Refuse upperdirs whose entries keep their data in the lower layers."""
-    for entry in entries:
-        for name in entry.xattrs:
-            if upper.marker(name) in ("redirect", "metacopy"):
-                raise ArchiveError(
-                    f"{os.fsdecode(entry.rel)} has {name}: the overlay was mounted with "
-                    "redirect_dir or metacopy, so the upperdir alone does not hold the changes"
-                )
-        yield entry
+def check_representable(entry: Entry, upper: Upper) -> None:
+    """Refuse entries whose data stays in the lower layers: the archive would miss it."""
+    for name in entry.xattrs:
+        if upper.marker(name) in ("redirect", "metacopy"):
+            raise ArchiveError(
+                f"{os.fsdecode(entry.rel)} has {name}: the overlay was mounted with "
+                "redirect_dir or metacopy, so the upperdir alone does not hold the changes"
+            )
 
 
 def open_source(entry: Entry) -> int:
@@ -1268,12 +1271,12 @@ def oci_entries(entries: Iterable[Entry], upper: Upper) -> Iterator[Entry]:
         st = entry.st
         if entry.is_whiteout:
             rel = (parent + b"/" if parent else b"") + WHITEOUT_PREFIX + name
-            yield Entry(rel, entry.path, whiteout_file_stat(st))
+            yield Entry(rel, entry.path, whiteout_file_stat(st), {})
             continue
         yield Entry(entry.rel, entry.path, st, marker_free(entry.xattrs, upper))
         if stat.S_ISDIR(st.st_mode) and (is_opaque(entry, upper) or has_opq_file(entry)):
             rel = b"" if entry.rel == b"." else entry.rel + b"/"
-            yield Entry(rel + OPAQUE_WHITEOUT, entry.path, whiteout_file_stat(st))
+            yield Entry(rel + OPAQUE_WHITEOUT, entry.path, whiteout_file_stat(st), {})
 
 
 def has_opq_file(entry: Entry) -> bool:
@@ -1334,7 +1337,7 @@ def archive_one(archive: Archive, mounts: object, opts: Options) -> None:
 def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
     is_dir = archive.method == "copy"
     dest.check_kind(is_dir)
-    entries = check_representable(walk(upper.path), upper)
+    entries = walk(upper)
     try:
         if is_dir:
             root_fd = dest.make_temp_dir()

@@ -38,6 +38,7 @@ import pytest
 from conftest import Overlay, archive_annotations, is_root, state_json, write_bundle
 from engines import (
     FUSE_OVERLAYFS,
+    TEST_USER,
     Podman,
     User,
     build_oci_image,
@@ -46,12 +47,11 @@ from engines import (
     ensure_fuse_device,
     ensure_user,
     remove_tree,
+    require,
     run,
     runc_config,
 )
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-TEST_USER = os.environ.get("ARCHIVE_OVERLAY_TEST_USER", "ao-rootless")
 OWNER = (1234, 5678)
 BB_IMAGE = "localhost/e2e-bb"
 DATA_IMAGE = "localhost/e2e-data"
@@ -190,15 +190,6 @@ class Result:
 
 
 # --- requirements -------------------------------------------------------------------------
-
-
-def require(ok: bool, reason: str) -> None:
-    """Skip with the reason locally; in CI every scenario must run."""
-    if ok:
-        return
-    if IN_CI:
-        pytest.fail(f"CI must run the engine tests, but: {reason}")
-    pytest.skip(reason)
 
 
 def require_tools(scenario: Scenario) -> None:

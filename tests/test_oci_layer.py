@@ -36,6 +36,7 @@ import pytest
 from conftest import archive_annotations, is_root, state_json, write_bundle
 from engines import (
     FUSE_OVERLAYFS,
+    TEST_USER,
     Podman,
     build_oci_image,
     build_rootfs,
@@ -43,11 +44,10 @@ from engines import (
     ensure_fuse_device,
     ensure_user,
     remove_tree,
+    require,
     run,
 )
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-TEST_USER = os.environ.get("ARCHIVE_OVERLAY_TEST_USER", "ao-rootless")
 HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 REF_NAME = "org.opencontainers.image.ref.name"
 
@@ -130,16 +130,6 @@ def write_data_tree(root: Path) -> Path:
 
 
 # --- requirements -----------------------------------------------------------------------
-
-
-def require(ok: bool, reason: str) -> None:
-    """Skip with the reason locally; in CI every test must run."""
-    if ok:
-        return
-    if IN_CI:
-        pytest.fail(f"CI must run this test, but: {reason}")
-    print(f"SKIP: {reason}")
-    pytest.skip(reason)
 
 
 def require_tools(*tools: str) -> None:
