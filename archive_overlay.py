@@ -1082,9 +1082,13 @@ def tar_header(entry: Entry, owner: tuple[int, int] | None, link_to: bytes | Non
     if not records:
         return block
     data = b"".join(records)
-    pax_name = b"./PaxHeaders/" + name.rstrip(b"/").rpartition(b"/")[2][:80]
-    pax = ustar_block(pax_name, 0o644, uid, gid, len(data), seconds, PAX_HEADER)
-    return pax + data + bytes(-len(data) % BLOCK) + block
+    return pax_block(len(data)) + data + bytes(-len(data) % BLOCK) + block
+
+
+@cache
+def pax_block(size: int) -> bytes:
+    """The header of a PAX extended header: only its size varies, so it is made once."""
+    return ustar_block(b"././@PaxHeader", 0o644, 0, 0, size, 0, PAX_HEADER)
 
 
 @cache
