@@ -1164,11 +1164,22 @@ class TarSink:
         if self.tar_digest is not None:
             self.tar_digest.update(data)
 
-    def copy_from(self, src: int, size: int) -> None:
-        if self.stream is self.out and self.tar_digest is None:
-            self.out.copy_from(src, size)
-            self.written += size
-            return
+    def write_file(self, entry: Entry) -> None:
+        """A regular file's data, padded to a whole block."""
+        size = entry.st.st_size
+        src = open_source(entry)
+        try:
+            if self.stream is self.out and self.tar_digest is None:
+                self.out.copy_from(src, size)
+                self.written += size
+            else:
+                self.copy_through(src, size)
+        finally:
+            os.close(src)
+        if size % BLOCK:
+            self.write(bytes(-size % BLOCK))
+
+    def copy_through(self, src: int, size: int) -> None:
         view = memoryview(self.buffer)
         left = size
         while left:
@@ -1179,36 +1190,19 @@ class TarSink:
             left -= n
 
     def finish(self) -> None:
+        """The end-of-archive blocks, the record's padding, then the compressor's last blocks."""
+        self.write(bytes(2 * BLOCK))
+        self.write(bytes(-self.written % RECORD))
         if self.stream is not self.out:
             self.stream.close()  # flushes the compressor's last blocks into self.out
         self.out.flush()
 
 
-class TarWriter:
-    """Writes tar members to a sink."""
-
-    def __init__(self, sink: TarSink) -> None:
-        self.sink = sink
-
-    def add(self, header: bytes, entry: Entry, size: int) -> None:
-        self.sink.write(header)
-        if size:
-            src = open_source(entry)
-            try:
-                self.sink.copy_from(src, size)
-            finally:
-                os.close(src)
-            if size % BLOCK:
-                self.sink.write(bytes(-size % BLOCK))
-
-    def close(self) -> None:
-        self.sink.write(bytes(2 * BLOCK))
-        self.sink.write(bytes(-self.sink.written % RECORD))
-
-
-def tar_members(entries: Iterable[Entry], archive: Archive) -> Iterator[tuple[bytes, Entry, int]]:
-    """(header, entry, data size) of each member; hardlinks as links, whiteouts each their own."""
+def write_tar(entries: Iterable[Entry], fd: int, archive: Archive, hashing: bool = False) -> Stats:
+    """Each entry as a member; hardlinks as link members, but whiteouts each their own."""
+    sink = TarSink(fd, archive, hashing)
     links: dict[tuple[int, int], bytes] = {}
+    stats = Stats()
     for entry in entries:
         st = entry.st
         if stat.S_ISSOCK(st.st_mode):
@@ -1220,19 +1214,11 @@ def tar_members(entries: Iterable[Entry], archive: Archive) -> Iterator[tuple[by
             link_to = links.get(key)
             if link_to is None:
                 links[key] = member_name(entry)
-        size = st.st_size if link_to is None and stat.S_ISREG(st.st_mode) else 0
-        yield tar_header(entry, archive.owner, link_to), entry, size
-
-
-def write_tar(entries: Iterable[Entry], fd: int, archive: Archive, hashing: bool = False) -> Stats:
-    sink = TarSink(fd, archive, hashing)
-    writer = TarWriter(sink)
-    stats = Stats()
-    for header, entry, size in tar_members(entries, archive):
-        writer.add(header, entry, size)
+        sink.write(tar_header(entry, archive.owner, link_to))
         stats.entries += 1
-        stats.bytes += size
-    writer.close()
+        if link_to is None and stat.S_ISREG(st.st_mode) and st.st_size:
+            sink.write_file(entry)
+            stats.bytes += st.st_size
     sink.finish()
     stats.archive_bytes = sink.out.size
     if hashing:
