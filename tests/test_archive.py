@@ -740,3 +740,24 @@ def test_each_record_stays_one_line(run_hook, tmp_path):
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and b"level=error" in lines[0] and b"\0" not in lines[0]
+
+
+def test_readme_try_it(hook_bin):
+    """The README's "Try it" block, run as written, with the hook under test on PATH."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Try it", 1)[1]
+    script = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    subprocess.run(["umount", "/tmp/try/merged"], check=False, capture_output=True)
+    subprocess.run(["rm", "-rf", "/tmp/try"], check=True)
+    env = {"PATH": f"{hook_bin.parent}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    try:
+        result = subprocess.run(
+            ["bash", "-e", "-c", script], check=False, capture_output=True, text=True, env=env
+        )
+    finally:
+        subprocess.run(["umount", "/tmp/try/merged"], check=False, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    listing = result.stdout.split()
+    assert "./greeting" in listing and "./new" in listing and "./" in listing
+    assert 'event="archive written"' in result.stderr
+    subprocess.run(["rm", "-rf", "/tmp/try"], check=True)
