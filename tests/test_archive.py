@@ -27,6 +27,7 @@ from conftest import (
     state_json,
     write_bundle,
 )
+from engines import require
 
 pytestmark = requires_root
 
@@ -372,8 +373,7 @@ def test_bind_of_a_native_overlay_is_resolved_from_mountinfo(changed_overlay, ru
 
 def test_bind_of_fuse_overlayfs_is_resolved_from_its_process(make_overlay, run_hook, tmp_path):
     fuse = Path("/usr/bin/fuse-overlayfs")
-    if not fuse.exists():
-        pytest.skip("fuse-overlayfs is not installed")
+    require(fuse.exists(), "fuse-overlayfs is not installed")
     ovl = make_overlay()
     (ovl.lower / "old").write_text("old")
     opts = ",".join(ovl.options())
@@ -710,8 +710,7 @@ def test_hooks_d_files_match_the_go_hook():
 def test_readme_install_command_with_pipx(tmp_path):
     """The README's install command, into a scratch PIPX_HOME and bin dir."""
     pipx = Path("/usr/bin/pipx")
-    if not pipx.exists():
-        pytest.skip("pipx is not installed (apt-get install pipx)")
+    require(pipx.exists(), "pipx is not installed (apt-get install pipx)")
     env = {
         "PATH": "/usr/bin:/bin",
         "HOME": str(tmp_path),
