@@ -88,7 +88,7 @@ class LogSink:
         self.files = files
         self.syslog = None
         if use_syslog:
-            import syslog  # only where asked: the module opens a socket lazily
+            import syslog  # imported only where asked for
 
             syslog.openlog("archive_overlay", syslog.LOG_PID, syslog.LOG_DAEMON)
             self.syslog = syslog
@@ -110,7 +110,9 @@ def configure_logging(level: str, use_syslog: bool, log_file: str | None) -> Non
     problems = []
     if log_file:
         try:
-            files.append(open(log_file, "a", encoding="utf-8", errors="backslashreplace"))  # noqa: SIM115 - open for the whole run
+            # Open for the whole run; line-buffered writes, flushed per record.
+            log_to = open(log_file, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+            files.append(log_to)
         except OSError as exc:
             problems.append(("cannot open log file", {"path": log_file, "error": describe(exc)}))
     if use_syslog and not is_socket("/dev/log"):
