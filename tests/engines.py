@@ -186,11 +186,14 @@ def remove_tree(root: Path) -> None:
 # --- hooks ----------------------------------------------------------------------------------
 
 
-def hook_config(hook_bin: Path, log_file: Path) -> dict:
-    """The project's hooks.d JSON, pointed at hook_bin and logging to log_file."""
+def hook_config(hook_bin: Path, log_file: Path, allow_dir: Path | None = None) -> dict:
+    """The project's hooks.d JSON, pointed at hook_bin, logging to log_file, and
+    confined to allow_dir (as the README recommends) when given."""
     config = json.loads(HOOK_JSON.read_text())
     config["hook"]["path"] = str(hook_bin)
     config["hook"]["args"] = [str(hook_bin), "--log-file", str(log_file)]
+    if allow_dir is not None:
+        config["hook"]["args"] += ["--allow-dir", str(allow_dir)]
     return config
 
 
@@ -289,9 +292,9 @@ class Podman:
     def __call__(self, *args: str, input: str | None = None, check: bool = True):
         return run(self.as_user(["podman", *args]), input=input, check=check)
 
-    def install_hook(self, hook_bin: Path, log_file: Path) -> None:
+    def install_hook(self, hook_bin: Path, log_file: Path, allow_dir: Path | None = None) -> None:
         path = self.hooks_dir / "archive-overlay.json"
-        path.write_text(json.dumps(hook_config(hook_bin, log_file), indent=2))
+        path.write_text(json.dumps(hook_config(hook_bin, log_file, allow_dir), indent=2))
         path.chmod(0o644)
 
     def load(self, ref: str, name: str) -> None:

@@ -287,7 +287,7 @@ def run_podman(request: pytest.FixtureRequest, scenario: Scenario) -> Iterator[R
     try:
         podman.setup()
         out = make_outputs(root, user)
-        podman.install_hook(hook_bin, out.log)
+        podman.install_hook(hook_bin, out.log, allow_dir=out.dir)
         podman.load(bb_ref, BB_IMAGE)
         podman.load(data_ref, DATA_IMAGE)
         start = time.monotonic()
