@@ -55,10 +55,14 @@ def run(
     check: bool = True,
     timeout: float = TIMEOUT,
 ) -> subprocess.CompletedProcess:
-    """Run cmd, capturing text output; with check, fail showing that output."""
+    """Run cmd, capturing text output; with check, fail showing that output.
+
+    It runs in "/": the checkout may sit where the rootless user cannot enter
+    (CI clones under /root, mode 0700), and podman would fail to chdir there.
+    """
     proc = subprocess.run(
         cmd, input=input, env=env, capture_output=True, text=True, timeout=timeout,
-        stdin=None if input is not None else subprocess.DEVNULL, check=False,
+        stdin=None if input is not None else subprocess.DEVNULL, check=False, cwd="/",
     )  # fmt: skip
     if check and proc.returncode != 0:
         raise CommandFailed(
