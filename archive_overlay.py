@@ -581,11 +581,15 @@ TMP_MARK = ".archive_overlay-tmp-"
 AT_FDCWD = -100
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
-_libc = ctypes.CDLL(None, use_errno=True)
+
+@cache
+def libc() -> ctypes.CDLL:
+    """glibc, for the calls Python's os module lacks (renameat2, syncfs, sync_file_range)."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def renameat2(dir_fd: int, old: str, new: str, flags: int) -> None:
-    if _libc.renameat2(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), flags) != 0:
+    if libc().renameat2(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), new)
 
@@ -595,11 +599,11 @@ SYNC_FILE_RANGE_WRITE = 2
 
 def start_writeback(fd: int) -> None:
     """Let the disk start on a file's data now, so the final sync has less left to do."""
-    _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
+    libc().sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
 
 
 def syncfs(fd: int) -> None:
-    if _libc.syncfs(fd) != 0:
+    if libc().syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -820,7 +824,14 @@ def write_success(path: str, allow_dirs: tuple[str, ...]) -> None:
 
 FICLONE = 0x40049409
 WRITEBACK_SIZE = 1 << 20
-CREATOR = (os.geteuid(), os.getegid())  # who owns what the hook creates
+
+
+@cache
+def creator() -> tuple[int, int]:
+    """Who owns what the hook creates (uid 0 in a rootless podman's namespace too)."""
+    return os.geteuid(), os.getegid()
+
+
 COPY_CHUNK = 1 << 30
 
 
@@ -894,7 +905,7 @@ def set_metadata(target: bytes | int, st: os.stat_result, xattrs: dict[str, byte
     only for directories (made 0700 to be filled) and setuid/setgid/sticky bits.
     """
     is_link, is_fd = stat.S_ISLNK(st.st_mode), isinstance(target, int)
-    if (st.st_uid, st.st_gid) != CREATOR:
+    if (st.st_uid, st.st_gid) != creator():
         os.chown(target, st.st_uid, st.st_gid, follow_symlinks=is_fd)
     if not is_link and (not mode_is_set or st.st_mode & 0o7000):
         os.chmod(target, stat.S_IMODE(st.st_mode))
