@@ -578,7 +578,6 @@ def open_source(entry: Entry) -> int:
 # ---------------------------------------------------------------------------
 
 TMP_MARK = ".archive_overlay-tmp-"
-AT_FDCWD = -100
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
