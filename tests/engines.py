@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -70,6 +71,19 @@ def run(
             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
     return proc
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new directory under /var/tmp (reachable by the rootless user) with a short name
+    that podman accepts inside an image reference: lowercase letters and digits only
+    (mkdtemp's names may end in "_", which `podman pull oci:DIR` rejects)."""
+    while True:
+        path = Path("/var/tmp") / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir(mode=0o700)
+            return path
+        except FileExistsError:
+            continue
 
 
 # --- images -------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import shutil
 import stat
 import subprocess
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from engines import (
     require,
     run,
     runc_config,
+    scratch_dir,
 )
 
 OWNER = (1234, 5678)
@@ -226,7 +226,7 @@ class Images:
 def e2e_base() -> Iterator[Path]:
     """A world-reachable dir for all engine state (not /tmp/pytest-of-root: 0700)."""
     require(is_root(), "needs root")
-    base = Path(tempfile.mkdtemp(prefix="ao-e2e-", dir="/var/tmp"))  # short: see Podman
+    base = scratch_dir("ao-e2e-")  # short: see Podman
     base.chmod(0o755)
     yield base
     remove_tree(base)

@@ -46,6 +46,7 @@ from engines import (
     remove_tree,
     require,
     run,
+    scratch_dir,
 )
 
 HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -603,7 +604,7 @@ def build_tools_rootfs(dest: Path) -> Path:
 def oci_base() -> Iterator[Path]:
     """A world-reachable dir with an OCI layout holding the images `bb` and `data`."""
     require_tools("podman", "runc")
-    base = Path(tempfile.mkdtemp(prefix="ao-ol-", dir="/var/tmp"))  # short: see Scenario.key
+    base = scratch_dir("ao-ol-")  # short: see Scenario.key
     base.chmod(0o755)
     try:
         layout = base / "oci"
