@@ -33,7 +33,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import BinaryIO, Callable, NoReturn
 
@@ -191,7 +191,8 @@ def read_config(bundle: str) -> dict:
         with open(path, "rb") as f:
             data = f.read()
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the bundle's config.json {path}: {describe(exc)}") from None
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else describe(exc)
+        raise InputError(f"cannot read the bundle's config.json {path}: {cause}") from None
     return load_json_object(data, f"config.json {path}")
 
 
@@ -231,6 +232,8 @@ class Archive:
     method: str = "copy"
     owner: tuple[int, int] | None = None
     compression_level: int | None = None
+    # Annotations that cannot be honoured, as (key, why): the archive is not written.
+    refused: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def compressor(self) -> str | None:
@@ -255,7 +258,8 @@ def parse_owner(value: str) -> tuple[int, int] | None:
     return ids[0], ids[1]
 
 
-def apply_arg(archive: Archive, arg: str, value: str) -> None:
+def apply_arg(archive: Archive, arg: str, value: str) -> str | None:
+    """Set one arg of the archive; why its value cannot be honoured, or None."""
     if arg == "mount-point":
         archive.mount_point = value
     elif arg == "archive-to":
@@ -264,57 +268,59 @@ def apply_arg(archive: Archive, arg: str, value: str) -> None:
         archive.success = value
     elif arg == "method":
         archive.method = value
+        if value not in ARCHIVE_METHODS:
+            return f"unknown method {value[:40]!r} (known: {', '.join(ARCHIVE_METHODS)})"
     elif arg == "tar-content-owner":
         archive.owner = parse_owner(value)
         if archive.owner is None:
-            log.warning("invalid tar-content-owner ignored", archive=archive.name, value=value)
+            return f"invalid tar-content-owner {value[:40]!r}: UID or UID:GID, decimal"
     elif arg == "compression-level":
-        try:
-            archive.compression_level = int(value)
-        except ValueError:
-            log.warning("invalid compression-level ignored", archive=archive.name, value=value)
+        if not (value.isascii() and value.isdigit() and len(value) <= 2):
+            return f"invalid compression-level {value[:40]!r}: an integer"
+        archive.compression_level = int(value)
+    elif arg:
+        return f"unknown archive argument {arg[:40]!r} (known: {', '.join(ARGS)})"
+    else:
+        return f"no argument after the archive name: {ANNOTATION_PREFIX}<NAME>.<arg>"
+    return None
 
 
 def parse_archives(annotations: dict[str, str]) -> list[Archive]:
+    """Every archive named under our prefix; what cannot be honoured is in `refused`."""
     archives: dict[str, Archive] = {}
     for key in sorted(annotations):
         if not key.startswith(ANNOTATION_PREFIX):
             continue
-        value = annotations[key]
-        name, dot, arg = key[len(ANNOTATION_PREFIX) :].partition(".")
-        if not dot or not name or "." in arg:
-            log.warning("annotation is not <prefix><NAME>.<arg>: ignored", key=key)
-            continue
-        if arg not in ARGS:
-            log.warning("unknown archive argument ignored", archive=name, arg=arg)
-            continue
-        apply_arg(archives.setdefault(name, Archive(name)), arg, value)
-    return [a for a in archives.values() if is_complete(a)]
+        name, _, arg = key[len(ANNOTATION_PREFIX) :].partition(".")
+        archive = archives.setdefault(name, Archive(name))
+        why = apply_arg(archive, arg, annotations[key])
+        if why is not None:
+            archive.refused.append((key, why))
+    for archive in archives.values():
+        check_archive(archive)
+    return list(archives.values())
 
 
-def is_complete(archive: Archive) -> bool:
-    if not archive.mount_point or not archive.archive_to:
-        missing = "mount-point" if not archive.mount_point else "archive-to"
-        log.warning("archive skipped: no " + missing, archive=archive.name)
-        return False
-    if archive.method not in ARCHIVE_METHODS:
-        log.warning(
-            "archive skipped: unknown method",
-            archive=archive.name,
-            method=archive.method,
-            known=",".join(ARCHIVE_METHODS),
-        )
-        return False
+def check_archive(archive: Archive) -> None:
+    """What no single annotation shows: a missing required arg, a level for the method."""
+    for arg, value in (("mount-point", archive.mount_point), ("archive-to", archive.archive_to)):
+        if not value and not archive.refused:  # the first problem is enough to name
+            why = f"no {arg}: an archive needs both mount-point and archive-to"
+            archive.refused.append((f"{ANNOTATION_PREFIX}{archive.name}.{arg}", why))
+    why = level_problem(archive)
+    if why is not None:
+        archive.refused.append((f"{ANNOTATION_PREFIX}{archive.name}.compression-level", why))
+
+
+def level_problem(archive: Archive) -> str | None:
     level, compressor = archive.compression_level, archive.compressor
-    if level is not None and (compressor is None or level not in COMPRESSION_LEVELS[compressor]):
-        log.warning(
-            "compression-level out of range for the method: default used",
-            archive=archive.name,
-            method=archive.method,
-            value=level,
-        )
-        archive.compression_level = None
-    return True
+    if level is None or archive.method not in ARCHIVE_METHODS:
+        return None  # no level asked for, or the method is refused already
+    levels = COMPRESSION_LEVELS.get(compressor or "")
+    if levels and level in levels:
+        return None
+    allowed = f"{levels[0]}-{levels[-1]}" if levels else "none: it does not compress"
+    return f"compression-level {level} out of range for method {archive.method} ({allowed})"
 
 
 # ---------------------------------------------------------------------------
@@ -401,6 +407,8 @@ def mount_program_options(mount_program: str, mount_point: str) -> list[str] | N
                 options += argv[i + 1].split(",")
             elif arg.startswith("-o") and len(arg) > 2:
                 options += arg[2:].split(",")
+        log.debug("bind source served by the mount program", source=mount_point, pid=int(pid),
+                  argv=" ".join(argv))  # fmt: skip
         return options
     return None
 
@@ -457,6 +465,8 @@ def find_upper(mount: dict, mount_program: str) -> Upper:
     options = mount.get("options")
     options = [o for o in options if isinstance(o, str)] if isinstance(options, list) else []
     if kind == "overlay":
+        log.debug("overlay mount: upperdir from its options", destination=mount.get("destination"),
+                  options=",".join(options))  # fmt: skip
         upper = upper_from_options(options, fuse=False)
         if upper is None:
             raise ArchiveError("overlay mount has no upperdir (a read-only mount?)")
@@ -470,6 +480,8 @@ def find_upper(mount: dict, mount_program: str) -> Upper:
             return upper
         native = native_overlay_options(source)
         if native is not None:
+            log.debug("bind source is an overlay mount (mountinfo)", source=source,
+                      options=",".join(native))  # fmt: skip
             upper = upper_from_options(native, fuse=False)
             if upper is None:
                 raise ArchiveError(f"overlay mounted at {source} has no upperdir (read-only?)")
@@ -1312,9 +1324,13 @@ def layer_descriptor(sink: TarSink, compressor: str) -> dict:
 def archive_one(archive: Archive, mounts: object, opts: Options) -> None:
     started = time.monotonic()
     upper = find_upper(find_mount(mounts, archive.mount_point), opts.mount_program)
+    log.debug("upperdir found", archive=archive.name, upperdir=upper.path,
+              markers=",".join(upper.marker_prefixes))  # fmt: skip
     if archive.success:
         check_allowed(archive.success, opts.allow_dirs, "success")
     dest = Destination(archive.archive_to, opts.allow_dirs)
+    log.debug("writing to a temporary", archive=archive.name,
+              path=posixpath.join(dest.parent, dest.tmp_name))  # fmt: skip
     try:
         remove_stale_temporaries(dest.dir_fd, dest.name, dest.parent)
         stats = write_archive(archive, upper, dest)
@@ -1340,11 +1356,13 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
     is_dir = archive.method == "copy"
     dest.check_kind(is_dir)
     entries = walk(upper)
+    clock = [time.monotonic()]
     try:
         if is_dir:
             root_fd = dest.make_temp_dir()
             shown_root = posixpath.join(dest.parent, dest.tmp_name)
             stats = write_copy(entries, root_fd, shown_root, archive)
+            clock.append(time.monotonic())
             syncfs(root_fd)
         else:
             fd = dest.make_temp_file()
@@ -1352,7 +1370,9 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
                 stats = write_tar(oci_entries(entries, upper), fd, archive, hashing=True)
             else:
                 stats = write_tar(entries, fd, archive)
+            clock.append(time.monotonic())
             os.fsync(fd)
+        clock.append(time.monotonic())
         if stats.descriptor is not None:  # never an old descriptor beside a new layer
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(dest.name + ".json", dir_fd=dest.dir_fd)
@@ -1360,6 +1380,10 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
     except BaseException:
         dest.discard_temp()
         raise
+    clock.append(time.monotonic())
+    walk_write, sync, rename = (round(b - a, 3) for a, b in zip(clock, clock[1:]))
+    log.debug("archive timings", archive=archive.name, walk_write_seconds=walk_write,
+              sync_seconds=sync, rename_seconds=rename)  # fmt: skip
     if stats.descriptor is not None:
         descriptor = json.dumps(stats.descriptor, indent=2).encode() + b"\n"
         write_file_at(dest.dir_fd, dest.name + ".json", descriptor, dest.parent)
@@ -1385,6 +1409,10 @@ def run(stdin: bytes, opts: Options) -> int:
         return EXIT_OK
     failed = 0
     for archive in archives:  # every archive is attempted, whatever the others did
+        if archive.refused:
+            failed += 1
+            log_refused(archive)
+            continue
         try:
             archive_one(archive, config.get("mounts"), opts)
         except Exception as exc:  # noqa: BLE001 - one failure must not stop the others
@@ -1397,6 +1425,16 @@ def run(stdin: bytes, opts: Options) -> int:
                 error=describe(exc),
             )
     return EXIT_ARCHIVE_FAILED if failed else EXIT_OK
+
+
+def log_refused(archive: Archive) -> None:
+    """One error line for an archive whose annotations cannot be honoured."""
+    log.error(
+        "archive failed",
+        archive=archive.name,
+        annotation=",".join(key for key, _ in archive.refused),
+        error="; ".join(why for _, why in archive.refused) + ": archive not written",
+    )
 
 
 def on_sigterm(signum: int, frame: object) -> NoReturn:
@@ -1449,10 +1487,13 @@ Exit status: 0 all archives written (or none asked for), 1 an archive failed,
     multiple=True,
     help="Write archives and success files only inside this directory (repeatable).",
 )
-@click.version_option(__version__, prog_name="archive_overlay")
+@click.version_option(__version__, "--version", "-v", prog_name="archive_overlay")
+@click.argument("ignored", nargs=-1, metavar="")
 def main(log_level: str, use_syslog: bool, log_file: str | None, mount_program: str,
-         allow_dirs: tuple[str, ...]) -> None:  # fmt: skip
+         allow_dirs: tuple[str, ...], ignored: tuple[str, ...]) -> None:  # fmt: skip
     configure_logging(log_level.lower(), use_syslog, log_file)
+    if ignored:  # as the Go hook did: a stray word in a hooks.d file must not stop archives
+        log.warning("extra command-line arguments ignored", arguments=" ".join(ignored))
     signal.signal(signal.SIGTERM, on_sigterm)
     opts = Options(mount_program, tuple(os.path.realpath(d) for d in allow_dirs))
     log.debug("run archive_overlay", version=__version__, pid=os.getpid())

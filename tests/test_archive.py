@@ -320,14 +320,52 @@ def test_tar_content_owner(changed_overlay, run_hook, tmp_path, owner, ids):
         assert (m.uid, m.gid, m.uname, m.gname) == (*ids, "", ""), m.name
 
 
-@pytest.mark.parametrize("owner", ["-1", "a:b", "1:2:3", "1.5", "", "99999999999"])
-def test_invalid_tar_content_owner_is_ignored(changed_overlay, run_hook, tmp_path, owner):
-    archive_to, result = archive_of(
-        run_hook, tmp_path, changed_overlay, "tar.gz", tar_content_owner=owner
-    )
-    assert b"invalid tar-content-owner" in result.stderr
-    owned = {m.name: m for m in read_members(archive_to, "tar.gz")}["./owned"]
-    assert (owned.uid, owned.gid) == (1234, 5678)
+@pytest.mark.parametrize(
+    ("arg", "value", "message"),
+    [
+        ("tar-content-owner", "-1", b"invalid tar-content-owner"),
+        ("tar-content-owner", "a:b", b"invalid tar-content-owner"),
+        ("tar-content-owner", "1:2:3", b"invalid tar-content-owner"),
+        ("tar-content-owner", "1.5", b"invalid tar-content-owner"),
+        ("tar-content-owner", "", b"invalid tar-content-owner"),
+        ("tar-content-owner", "99999999999", b"invalid tar-content-owner"),
+        ("method", "tar.gzip", b"unknown method 'tar.gzip'"),
+        ("method", "", b"unknown method"),
+        ("mount-poin", "/data", b"unknown archive argument 'mount-poin'"),
+        ("compression-level", "4", b"compression-level 4 out of range for method tar.gz (0-3)"),
+        ("compression-level", "-1", b"invalid compression-level"),
+        ("compression-level", "high", b"invalid compression-level"),
+    ],
+)
+def test_an_annotation_that_cannot_be_honoured_fails_its_archive(
+    changed_overlay, run_hook, tmp_path, arg, value, message
+):
+    """Not written (the user asked for something else), one error line naming the archive
+    and the annotation, exit 1; the container's valid archives are still written."""
+    out = tmp_path / "out"
+    bad = {**archive_annotations("bad", mount_point="/data", archive_to=str(out / "bad"),
+                                 method="tar.gz"), f"{PREFIX}bad.{arg}": value}  # fmt: skip
+    good = archive_annotations("good", mount_point="/data", archive_to=str(out / "good"))
+    result = run_hook(hook_input(tmp_path, [changed_overlay.mount_entry()], {**bad, **good}))
+    assert result.returncode == 1, result.stderr.decode()
+    errors = [line for line in result.stderr.splitlines() if b"level=error" in line]
+    assert len(errors) == 1, result.stderr.decode()
+    assert b"archive=bad " in errors[0] and message in errors[0], errors[0]
+    assert f"annotation={PREFIX}bad.{arg} ".encode() in errors[0], errors[0]
+    assert not (out / "bad").exists()
+    assert_same_tree(out / "good", changed_overlay.upper)
+
+
+@pytest.mark.parametrize(("given", "missing"), [("mount-point", "archive-to"),
+                                                ("archive-to", "mount-point")])  # fmt: skip
+def test_an_archive_with_only_one_of_the_required_args_fails(run_hook, tmp_path, given, missing):
+    annotations = {f"{PREFIX}half.{given}": str(tmp_path / "x")}
+    result = run_hook(hook_input(tmp_path, [], annotations))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and b"level=error" in lines[0], result.stderr.decode()
+    assert f"annotation={PREFIX}half.{missing} ".encode() in lines[0]
+    assert f"no {missing}".encode() in lines[0] and b"archive=half " in lines[0]
 
 
 # --- oci-layer (its consumers are proven in test_oci_layer.py) --------------
@@ -366,9 +404,13 @@ def test_bind_of_a_native_overlay_is_resolved_from_mountinfo(changed_overlay, ru
     }
     archive_to = tmp_path / "out" / "copy"
     annotations = archive_annotations("d", mount_point="/data", archive_to=str(archive_to))
-    result = run_hook(hook_input(tmp_path, [bind], annotations))
+    result = run_hook(hook_input(tmp_path, [bind], annotations), "--log-level=debug")
     assert result.returncode == 0, result.stderr.decode()
     assert_same_tree(archive_to, changed_overlay.upper)
+    resolved = (
+        f'event="bind source is an overlay mount (mountinfo)" source={changed_overlay.merged}'
+    )
+    assert resolved in result.stderr.decode()
 
 
 def test_bind_of_fuse_overlayfs_is_resolved_from_its_process(make_overlay, run_hook, tmp_path):
@@ -391,10 +433,14 @@ def test_bind_of_fuse_overlayfs_is_resolved_from_its_process(make_overlay, run_h
         annotations = archive_annotations(
             "d", mount_point="/data", archive_to=str(archive_to), method="tar"
         )
-        result = run_hook(hook_input(tmp_path, [bind], annotations))
+        result = run_hook(hook_input(tmp_path, [bind], annotations), "--log-level=trace")
     finally:
         subprocess.run(["umount", str(ovl.merged)], check=False)
     assert result.returncode == 0, result.stderr.decode()
+    log = result.stderr.decode()
+    assert f'event="bind source served by the mount program" source={ovl.merged} pid=' in log
+    assert f'argv="{fuse} -o {opts} {ovl.merged}"' in log
+    assert "markers=trusted.overlay.,user.overlay.,user.fuseoverlayfs." in log
     names = {m.name: m for m in read_members(archive_to, "tar")}
     assert names["./new"].isfile()
     assert names["./old"].ischr() or "./.wh.old" in names
@@ -438,10 +484,14 @@ def test_mounts_without_an_upperdir_fail_clearly(run_hook, tmp_path, mount, mess
 
 
 def parse(annotations: dict[str, str]):
+    """The archives that will be written; "refused" for those whose annotations cannot be."""
     sys.path.insert(0, str(REPO))
     import archive_overlay
 
-    return {a.name: a for a in archive_overlay.parse_archives(annotations)}
+    return {
+        a.name: "refused" if a.refused else (a.mount_point, a.archive_to, a.method, a.owner)
+        for a in archive_overlay.parse_archives(annotations)
+    }
 
 
 @pytest.mark.parametrize(
@@ -451,15 +501,15 @@ def parse(annotations: dict[str, str]):
             {f"{PREFIX}a.mount-point": "/d", f"{PREFIX}a.archive-to": "/x"},
             {"a": ("/d", "/x", "copy", None)},
         ),
-        ({f"{PREFIX}a.mount-point": "/d"}, {}),  # no archive-to: skipped
-        ({f"{PREFIX}a.archive-to": "/x"}, {}),  # no mount-point: skipped
+        ({f"{PREFIX}a.mount-point": "/d"}, {"a": "refused"}),  # no archive-to
+        ({f"{PREFIX}a.archive-to": "/x"}, {"a": "refused"}),  # no mount-point
         (
             {
                 f"{PREFIX}a.mount-point": "/d",
                 f"{PREFIX}a.archive-to": "/x",
                 f"{PREFIX}a.method": "zip",
             },
-            {},
+            {"a": "refused"},
         ),
         (
             {
@@ -475,9 +525,11 @@ def parse(annotations: dict[str, str]):
                 f"{PREFIX}a.mount-point": "/d",
                 f"{PREFIX}a.archive-to": "/x",
                 f"{PREFIX}a.tar-content-owner": "1:2:3",
-                f"{PREFIX}a.bogus": "1",
+                f"{PREFIX}b.mount-point": "/d",
+                f"{PREFIX}b.archive-to": "/x",
+                f"{PREFIX}b.bogus": "1",
             },
-            {"a": ("/d", "/x", "copy", None)},
+            {"a": "refused", "b": "refused"},
         ),
         (
             {
@@ -495,14 +547,13 @@ def parse(annotations: dict[str, str]):
                 f"{PREFIX}.mount-point": "/d",
                 "other.annotation": "1",
             },
-            {},
+            {"nodots": "refused", "a": "refused", "": "refused"},
         ),
+        ({"other.annotation": "1", "com.launchplatform.other.a.mount-point": "/d"}, {}),
     ],
 )
 def test_annotation_parsing(annotations, expected):
-    archives = parse(annotations)
-    got = {n: (a.mount_point, a.archive_to, a.method, a.owner) for n, a in archives.items()}
-    assert got == expected
+    assert parse(annotations) == expected
 
 
 def test_state_annotations_win_over_config(changed_overlay, run_hook, tmp_path):
@@ -584,6 +635,8 @@ def test_unusable_input_exits_2(run_hook, stdin, message):
     assert message in result.stderr, result.stderr.decode()
     assert b"Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) == 1
+    if b"config.json" in message:  # the path named once, not again after the cause
+        assert result.stderr.count(b"/nonexistent-bundle/config.json") == 1, result.stderr
 
 
 def test_config_json_not_json_exits_2(run_hook, tmp_path):
@@ -669,11 +722,46 @@ def test_syslog_receives_the_records(hook_bin, tmp_path):
     assert b"no syslog socket" not in result.stderr
 
 
-def test_version_help_and_module_entry(hook_bin):
-    version = subprocess.run(
-        [str(hook_bin), "--version"], check=False, capture_output=True, text=True
-    )
+@pytest.mark.parametrize("flag", ["--version", "-v"])  # -v: the Go hook's short flag
+def test_version_flags(hook_bin, flag):
+    version = subprocess.run([str(hook_bin), flag], check=False, capture_output=True, text=True)
     assert version.returncode == 0 and "archive_overlay, version" in version.stdout
+
+
+def test_extra_arguments_are_ignored_with_a_warning(changed_overlay, run_hook, tmp_path):
+    """As the Go hook did: a stray word in a hooks.d file's args must not stop the archives."""
+    archive_to = tmp_path / "out"
+    annotations = archive_annotations("d", mount_point="/data", archive_to=str(archive_to))
+    stdin = hook_input(tmp_path, [changed_overlay.mount_entry()], annotations)
+    result = run_hook(stdin, "stray", "--log-level=info", "words")
+    assert result.returncode == 0, result.stderr.decode()
+    warnings = [line for line in result.stderr.splitlines() if b"level=warning" in line]
+    assert len(warnings) == 1 and b'arguments="stray words"' in warnings[0], result.stderr
+    assert_same_tree(archive_to, changed_overlay.upper)
+
+
+def test_debug_log_says_how_each_archive_was_made(changed_overlay, run_hook, tmp_path):
+    """The mount's resolution, the upperdir, the marker namespace, the temporary, timings."""
+    archive_to = tmp_path / "out.tar"
+    annotations = archive_annotations(
+        "d", mount_point="/data", archive_to=str(archive_to), method="tar"
+    )
+    stdin = hook_input(tmp_path, [changed_overlay.mount_entry()], annotations)
+    for level in ("debug", "trace"):
+        result = run_hook(stdin, f"--log-level={level}")
+        assert result.returncode == 0, result.stderr.decode()
+        log = result.stderr.decode()
+        assert 'event="overlay mount: upperdir from its options" destination=/data' in log
+        assert f'options="lowerdir={changed_overlay.lower},upperdir=' in log
+        assert f'event="upperdir found" archive=d upperdir={changed_overlay.upper}' in log
+        assert "markers=trusted.overlay." in log
+        assert f'event="writing to a temporary" archive=d path={tmp_path}/.out.tar' in log
+        assert ".archive_overlay-tmp-" in log
+        assert 'event="archive timings" archive=d walk_write_seconds=' in log
+        assert "sync_seconds=" in log and "rename_seconds=" in log
+
+
+def test_version_help_and_module_entry(hook_bin):
     helptext = subprocess.run(
         [str(hook_bin), "--help"], check=False, capture_output=True, text=True
     ).stdout
