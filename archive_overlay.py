@@ -116,7 +116,7 @@ def configure_logging(level: str, use_syslog: bool, log_file: str | None) -> Non
         except OSError as exc:
             problems.append(("cannot open log file", {"path": log_file, "error": describe(exc)}))
     if use_syslog and not is_socket("/dev/log"):
-        problems.append(("no syslog socket at /dev/log: logging to stderr only", {}))
+        problems.append(("no syslog socket at /dev/log: not logging to syslog", {}))
         use_syslog = False
     sink = LogSink(files, use_syslog)
     structlog.configure(
