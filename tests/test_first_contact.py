@@ -70,7 +70,7 @@ writable /etc
 writable /usr
 writable /var
 mkdir -p /var/lib/containers
-for d in /var/lib/containers /var/tmp /run /srv /home; do mount -t tmpfs tmpfs "$d"; done
+for d in /var/lib/containers /var/log /var/tmp /run /srv /home; do mount -t tmpfs tmpfs "$d"; done
 ln -sf "$HOOK" /usr/bin/archive_overlay  # as the README's install puts it
 # A /dev of our own: the host's nodes and mounts, but /dev/log is our socket or absent.
 mkdir "$W/dev"; mount --rbind /dev "$W/dev"
@@ -216,6 +216,7 @@ echo $? > "$OUT/fail.status"
 set -e
 ls -A {HOOKS_DIR} > "$OUT/hooks-dir"
 cp -a /srv/archives "$OUT/archives"
+{bash(readme_block("layers"))} > "$OUT/layers.stdout" 2> "$OUT/layers.stderr"
 cp /var/log/archive_overlay.log "$OUT/hook.log"
 # What podman gives a hook: its environment, and what ends a hook past its timeout.
 cat > {HOOKS_DIR}/probe-env.json <<EOF
@@ -253,10 +254,12 @@ def test_readme_rootful_podman_as_written(hook_bin, tmp_path, syslog):
     assert len(errors) == 1 and "archive=bad " in errors[0], log
     assert f"annotation={PREFIX}bad.method " in errors[0]
     assert "unknown method 'tar.gzip'" in errors[0]
-    assert len(archive_written(log)) == 1
+    assert len(archive_written(log)) == 2  # the README's rootful block, its layers example
+    # the layers example: revision 2 back in podman holds what the container left
+    assert read(out / "layers.stdout").split()[-1:] == ["hello.txt"], read(out / "layers.stderr")
     records = syslog.records()
     assert records and all(r.startswith("<") for r in records), syslog.received
-    assert len(archive_written(records)) == 1 and "archive=data" in archive_written(records)[0]
+    assert len(archive_written(records)) == 2 and "archive=data" in archive_written(records)[0]
     assert sum(f"annotation={PREFIX}bad.method" in r for r in records) == 1
     assert not any("no syslog socket" in r for r in log)
     # podman runs hooks with an empty environment, and kills a late one with SIGKILL
