@@ -1455,6 +1455,9 @@ named by annotations {ANNOTATION_PREFIX}<NAME>.<arg>:
   tar-content-owner  UID or UID:GID written as the owner of every tar entry
   compression-level  gzip: 0-3 (default 2), zstd: 1-22 (default 3)
 \b
+An annotation that cannot be honoured (a misspelt method or arg, a bad owner
+or level, only one of mount-point and archive-to) fails its archive.
+\b
 Exit status: 0 all archives written (or none asked for), 1 an archive failed,
 2 unusable input.
 """

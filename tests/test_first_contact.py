@@ -213,6 +213,12 @@ podman run --rm {MISSPELT} \
   --mount type=image,source=localhost/my-data:rev1,destination=/data,rw=true \
   localhost/busybox sh -c 'echo hi > /data/x' > "$OUT/fail.stdout" 2> "$OUT/fail.stderr"
 echo $? > "$OUT/fail.status"
+# Which hooks directories podman reads: by default, and with a containers.conf hooks_dir.
+podman --log-level=debug run --rm localhost/busybox sh -c : 2>&1 \
+  | grep -o 'reading hooks from [^"]*' > "$OUT/hooks-read"
+printf '[engine]\nhooks_dir = ["/etc/containers/oci/hooks.d"]\n' > "$W/hooks-dir.conf"
+CONTAINERS_CONF="$W/hooks-dir.conf" podman --log-level=debug run --rm localhost/busybox sh -c : \
+  2>&1 | grep -o 'reading hooks from [^"]*' > "$OUT/hooks-read-conf"
 set -e
 ls -A {HOOKS_DIR} > "$OUT/hooks-dir"
 cp -a /srv/archives "$OUT/archives"
@@ -240,6 +246,10 @@ def test_readme_rootful_podman_as_written(hook_bin, tmp_path, syslog):
     out = ns.out
     assert result.returncode == 0, f"{result.stderr}\n{read(out / 'readme.stderr')}"
     assert (out / "hooks-dir").read_text().split() == ["archive-overlay.json"]
+    assert read(out / "hooks-read").splitlines() == [f"reading hooks from {HOOKS_DIR}"]
+    assert read(out / "hooks-read-conf").splitlines() == [
+        "reading hooks from /etc/containers/oci/hooks.d"  # hooks_dir replaces the default
+    ]
     members = tar_listing(out / "archives" / "data.tar.gz")
     assert sorted(members) == [".", "./hello", "./old.txt"]
     assert members["./old.txt"].ischr() and members["./old.txt"].devmajor == 0
@@ -389,7 +399,7 @@ def test_readme_try_it(hook_bin, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     runner = (
-        f"mkdir -p /mnt && mount --bind {out} /mnt && mount -t tmpfs tmpfs /tmp && "
+        f"mount --bind {out} /mnt && mount -t tmpfs tmpfs /tmp && "
         f"bash -e -c {shlex.quote(script)} > /mnt/stdout 2> /mnt/stderr"
     )
     env = {"PATH": f"{hook_bin.parent}:{SYSTEM_PATH}"}
