@@ -969,22 +969,29 @@ class XattrWriter:
 
 class Hardlinks:
     """The first archived path of each hardlinked inode, until all its links are seen:
-    memory grows with the inodes whose links are still to come, not with the upperdir."""
+    memory grows with the inodes whose other links are still to come (about 140 bytes
+    each), not with the upperdir.  An upperdir is one filesystem: the inode number
+    is the key."""
 
     def __init__(self) -> None:
-        self.pending: dict[tuple[int, int], list] = {}
+        self.first: dict[int, bytes] = {}
+        self.left: dict[int, int] = {}  # links still to come, for inodes with more than 2
 
     def first_link(self, st: os.stat_result, path: bytes) -> bytes | None:
         """None for the first link (path is remembered), else the first link's path."""
-        key = (st.st_dev, st.st_ino)
-        seen = self.pending.get(key)
-        if seen is None:
-            self.pending[key] = [path, st.st_nlink - 1]
+        ino = st.st_ino
+        first = self.first.get(ino)
+        if first is None:
+            self.first[ino] = path
+            if st.st_nlink > 2:
+                self.left[ino] = st.st_nlink - 1
             return None
-        seen[1] -= 1
-        if seen[1] <= 0:
-            del self.pending[key]
-        return seen[0]
+        left = self.left.pop(ino, 1) - 1
+        if left > 0:
+            self.left[ino] = left
+        else:
+            del self.first[ino]
+        return first
 
 
 def is_hardlink(entry: Entry) -> bool:
