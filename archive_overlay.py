@@ -535,8 +535,9 @@ def find_root_upper(config: dict, bundle: str, mount_program: str) -> Upper:
         upper = upper_mounted_at(candidate, mount_program) or storage_layer_upper(candidate)
         if upper is not None:
             return upper
+    shown = path if path == full else f"{path} ({full})"
     raise ArchiveError(
-        f"root.path {path} is neither an overlay mount (native or served by a running "
+        f"root.path {shown} is neither an overlay mount (native or served by a running "
         f"{mount_program}) nor in a containers-storage overlay layer"
     )
 
