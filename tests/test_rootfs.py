@@ -237,10 +237,19 @@ def wait_unmounted(podman: Podman, name: str, root_path: str) -> None:
     raise AssertionError(f"{root_path} still there 30 s after {name} exited ({state})")
 
 
-def hook_by_hand(podman: Podman, hook_bin: Path, log: Path, bundle: Path,
+def hook_by_hand(podman: Podman, hook_bin: Path, log: Path, config: Path, bundle: Path,
                  annotations: dict[str, str]) -> subprocess.CompletedProcess:  # fmt: skip
-    """The hook run as a runtime that unmounts first would: rootless in podman's namespace."""
-    state = state_json(bundle, annotations)
+    """The hook run as a runtime that unmounts first would: rootless in podman's namespace.
+
+    The bundle holds the container's config.json with these annotations only
+    (the container's own ask for the /vol volume, gone at cleanup).
+    """
+    spec = json.loads(config.read_text())
+    spec["annotations"] = annotations
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(spec))
+    bundle.chmod(0o755)
+    state = state_json(bundle)
     cmd = [str(hook_bin), "--log-file", str(log)]
     if podman.user is not None:
         return podman("unshare", *cmd, input=state, check=False)
@@ -302,12 +311,12 @@ def test_podman_root_filesystem(scenario: Scenario, root_image: Path, hook_bin: 
 
         # Unmounted first: the exited container's config.json, piped in by hand.
         cid = podman("inspect", "--format", "{{.Id}}", "c").stdout.strip()
-        bundle = podman.graphroot / "overlay-containers" / cid / "userdata"
-        root_path = json.loads((bundle / "config.json").read_text())["root"]["path"]
+        config = podman.graphroot / "overlay-containers" / cid / "userdata" / "config.json"
+        root_path = json.loads(config.read_text())["root"]["path"]
         wait_unmounted(podman, "c", root_path)
         assert Path(root_path).parent / "diff" == upper, f"{root_path} vs {upper}{diag}"
         hand_log = hand / "hook.log"
-        by_hand = hook_by_hand(podman, hook_bin, hand_log, bundle,
+        by_hand = hook_by_hand(podman, hook_bin, hand_log, config, root / "hand-bundle",
                                root_annotations(hand, PODMAN_EXCLUDE, sep))  # fmt: skip
         diag += f"\n--- by hand, exit {by_hand.returncode}:\n{read_log(hand_log)}"
         assert by_hand.returncode == 0, diag
