@@ -532,8 +532,11 @@ def find_root_upper(config: dict, bundle: str, mount_program: str) -> Upper:
         raise ArchiveError("config.json has no root.path")
     full = posixpath.normpath(posixpath.join(bundle, path))  # relative to the bundle
     for candidate in dict.fromkeys((full, os.path.realpath(full))):
-        upper = upper_mounted_at(candidate, mount_program) or storage_layer_upper(candidate)
+        upper, found = upper_mounted_at(candidate, mount_program), "mount"
+        if upper is None:
+            upper, found = storage_layer_upper(candidate), "storage-layer"
         if upper is not None:
+            log.debug("root filesystem", root_path=candidate, found=found, upperdir=upper.path)
             return upper
     shown = path if path == full else f"{path} ({full})"
     raise ArchiveError(

@@ -227,6 +227,19 @@ def podman_flags(annotations: dict[str, str], quoted: bool) -> list[str]:
     return flags
 
 
+def debug_hook(podman: Podman) -> None:
+    """The installed hook logs at debug level: how it found the root filesystem."""
+    path = podman.hooks_dir / "archive-overlay.json"
+    config = json.loads(path.read_text())
+    config["hook"]["args"].append("--log-level=debug")
+    path.write_text(json.dumps(config))
+
+
+def found_by(log: str) -> set[str]:
+    """How the hook found the root filesystem, from its debug records."""
+    return set(re.findall(r'event="root filesystem" .*\bfound=(\S+)', log))
+
+
 def wait_unmounted(podman: Podman, name: str, root_path: str) -> None:
     """podman's cleanup unmounts the rootfs (and removes merged) after the hook."""
     for _ in range(300):
@@ -250,7 +263,7 @@ def hook_by_hand(podman: Podman, hook_bin: Path, log: Path, config: Path, bundle
     (bundle / "config.json").write_text(json.dumps(spec))
     bundle.chmod(0o755)
     state = state_json(bundle)
-    cmd = [str(hook_bin), "--log-file", str(log)]
+    cmd = [str(hook_bin), "--log-file", str(log), "--log-level=debug"]
     if podman.user is not None:
         return podman("unshare", *cmd, input=state, check=False)
     return run(["env", "-i", *cmd], input=state, check=False)
@@ -277,6 +290,7 @@ def test_podman_root_filesystem(scenario: Scenario, root_image: Path, hook_bin: 
         if user is not None:
             run(["chown", "-R", f"{user.uid}:{user.gid}", str(out), str(hand), str(src)])
         podman.install_hook(hook_bin, log, allow_dir=out)
+        debug_hook(podman)
         podman.load(f"oci:{root_image / 'oci'}:bb", BB_IMAGE)
         sep = "," if scenario.commas else ":"
         annotations = {
@@ -293,6 +307,7 @@ def test_podman_root_filesystem(scenario: Scenario, root_image: Path, hook_bin: 
         seen = parse_listing(proc.stdout)
         assert_root_changes_seen(seen, diag)
         upper = Path(upperdir_in_log(read_log(log), "root"))
+        assert found_by(read_log(log)) == {"mount"}, diag  # still mounted at poststop
 
         # What the rootfs upperdir holds beside the container's own changes.
         check_upper_entries(upper, scenario, diag)
@@ -321,6 +336,7 @@ def test_podman_root_filesystem(scenario: Scenario, root_image: Path, hook_bin: 
         diag += f"\n--- by hand, exit {by_hand.returncode}:\n{read_log(hand_log)}"
         assert by_hand.returncode == 0, diag
         assert upperdir_in_log(read_log(hand_log), "root") == str(upper), diag
+        assert found_by(read_log(hand_log)) == {"storage-layer"}, diag
         assert_copy_is_upper(hand / "root", upper, PODMAN_EXCLUDE, diag)
         check_stacked(hand / "root.tar.gz", root_image, root / "unmounted", expected, diag)
     finally:
@@ -351,6 +367,9 @@ def check_stacked(blob: Path, image: Path, work: Path, expected: Tree, diag: str
     shutil.copytree(image / "oci", layout)
     descriptor = check_descriptor(blob, "oci-layer", diag)
     rootfs = unpack_stacked(layout, "bb", blob, "oci-layer", descriptor, work)
+    # excluded, so no whiteout: what the container deleted there comes from the image
+    assert (rootfs / "opt/scratch/old.txt").read_text() == "old\n", diag
+    assert not (rootfs / "opt/scratch/tmp.txt").exists(), diag
     got = without(list_host_root(rootfs), PODMAN_EXCLUDE)
     assert_same_tree(expected, got, f"umoci unpack of bb + {blob.name}", diag)
     return layout
@@ -409,6 +428,7 @@ def test_runc_overlay_root_filesystem(root_image: Path, hook_bin: Path, tmp_path
     shutil.copytree(root_image / "oci", layout)
     descriptor = check_descriptor(out / "root.tar.gz", "oci-layer", diag)
     rootfs = unpack_stacked(layout, "bb", out / "root.tar.gz", "oci-layer", descriptor, tmp_path)
+    assert (rootfs / "opt/scratch/old.txt").read_text() == "old\n", diag
     got = without(list_host_root(rootfs), RUNC_EXCLUDE)
     assert_same_tree(without(seen, RUNC_EXCLUDE), got, "umoci unpack of bb + layer", diag)
 
