@@ -240,14 +240,15 @@ def found_by(log: str) -> set[str]:
     return set(re.findall(r'event="root filesystem" .*\bfound=(\S+)', log))
 
 
-def wait_unmounted(podman: Podman, name: str, root_path: str) -> None:
-    """podman's cleanup unmounts the rootfs (and removes merged) after the hook."""
+def wait_gone(podman: Podman, name: str, path: str) -> None:
+    """podman's cleanup, after the hook, unmounts the rootfs (removing merged) and
+    removes the upperdirs of overlay volumes."""
     for _ in range(300):
-        if not os.path.lexists(root_path):
+        if not os.path.lexists(path):
             return
         time.sleep(0.1)
     state = podman("inspect", "--format", "{{.State.Status}}", name, check=False).stdout
-    raise AssertionError(f"{root_path} still there 30 s after {name} exited ({state})")
+    raise AssertionError(f"{path} still there 30 s after {name} exited ({state})")
 
 
 def hook_by_hand(podman: Podman, hook_bin: Path, log: Path, config: Path, bundle: Path,
@@ -328,7 +329,8 @@ def test_podman_root_filesystem(scenario: Scenario, root_image: Path, hook_bin: 
         cid = podman("inspect", "--format", "{{.Id}}", "c").stdout.strip()
         config = podman.graphroot / "overlay-containers" / cid / "userdata" / "config.json"
         root_path = json.loads(config.read_text())["root"]["path"]
-        wait_unmounted(podman, "c", root_path)
+        wait_gone(podman, "c", root_path)
+        wait_gone(podman, "c", upperdir_in_log(read_log(log), "vol"))  # only poststop has it
         assert Path(root_path).parent / "diff" == upper, f"{root_path} vs {upper}{diag}"
         hand_log = hand / "hook.log"
         by_hand = hook_by_hand(podman, hook_bin, hand_log, config, root / "hand-bundle",
