@@ -980,6 +980,12 @@ class Destination:
             raise ArchiveError(f"archive-to {self.path} exists and is a directory")
 
 
+@cache
+def creator() -> tuple[int, int]:
+    """Who owns what the hook creates (uid 0 in a rootless podman's namespace too)."""
+    return os.geteuid(), os.getegid()
+
+
 def clear_inherited(fd: int) -> None:
     """A new directory takes a setgid parent's group and setgid bit, and its default
     ACL (which would reach every entry made inside): drop them, so the copy holds
@@ -1028,12 +1034,6 @@ def write_success(path: str, allow_dirs: tuple[str, ...]) -> None:
 
 FICLONE = 0x40049409
 WRITEBACK_SIZE = 1 << 20
-
-
-@cache
-def creator() -> tuple[int, int]:
-    """Who owns what the hook creates (uid 0 in a rootless podman's namespace too)."""
-    return os.geteuid(), os.getegid()
 
 
 COPY_CHUNK = 1 << 30
