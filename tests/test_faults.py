@@ -102,6 +102,7 @@ KINDS = [
         ("ENOSPC", "EIO", "EDQUOT", "EACCES"),
         COPY,
     ),
+    Kind("removexattr", ("fremovexattr", "lremovexattr", "removexattr"), ("EIO", "EACCES"), COPY),
     Kind("chown", ("fchown", "fchownat", "lchown", "chown"), ("EDQUOT", "EIO"), COPY),
     Kind("chmod", ("fchmod", "fchmodat", "fchmodat2", "chmod"), ("EIO", "EACCES"), COPY),
     Kind("utimensat", ("utimensat",), ("EIO", "EACCES"), COPY),
@@ -456,9 +457,8 @@ def named_entries(call: Call, upper: str) -> set[str]:
     itself); calls about the archive itself (its directory, temporary, descriptor) name none."""
     paths = FD_PATH.findall(call.text)
     paths += [s for s in STRING.findall(call.text) if s.startswith("/")]
-    for directory, name in AT_PAIR.findall(call.text):  # *at(): a directory fd and a name
-        if not name.startswith("/"):
-            paths.append(f"{directory}/{name}")
+    if call.name.endswith(("at", "at2")):  # *at(): a directory fd and a name
+        paths += [f"{d}/{name}" for d, name in AT_PAIR.findall(call.text) if name[:1] != "/"]
     names = set()
     for path in paths:
         path = path.rstrip("/")
@@ -495,7 +495,7 @@ def check_fault(world: World, hook_bin: Path, ref: Reference, method: str, scena
     problems = outcome_problems(world, ref, run, kind, target, result, before)
     shutil.rmtree(run.root)
     if not problems:
-        print(f"ok   {what}")  # pytest -rA shows each fault point and how it ended
+        print(f"ok   exit {result.returncode} {what}")  # pytest -rA shows each point
         return []
     errors = [line for line in result.log.splitlines() if "level=error" in line]
     report = f"FAIL {what}\n  " + "\n  ".join(problems + [f"exit {result.returncode}"] + errors)
