@@ -494,13 +494,11 @@ def check_fault(world: World, hook_bin: Path, ref: Reference, method: str, scena
     what = f"{method} ({scenario}): {target.name} -> {error} at call {target.n}: {shown}"
     problems = outcome_problems(world, ref, run, kind, target, result, before)
     shutil.rmtree(run.root)
-    if not problems:
-        warned = [line for line in result.log.splitlines() if "level=warning" in line
-                  and "archive=pad" not in line]  # fmt: skip
-        print(f"ok   exit {result.returncode} {what}", *warned, sep="\n  ")  # pytest -rA shows it
-        return []
     notes = [line for line in result.log.splitlines() if "level=error" in line or (
         "level=warning" in line and "archive=pad" not in line)]  # fmt: skip
+    if not problems:
+        print(f"ok   exit {result.returncode} {what}", *notes, sep="\n  ")  # pytest -rA shows it
+        return []
     report = f"FAIL {what}\n  " + "\n  ".join(problems + [f"exit {result.returncode}"] + notes)
     print(report)
     log = [line for line in result.log.splitlines() if "archive=pad" not in line]
