@@ -1114,9 +1114,8 @@ def copy_entries(entries: Iterable[Entry], root_fd: int, archive: Archive, stats
             if entry.depth == 0:  # the root is the temporary directory itself
                 open_dirs.append((root_fd, entry))
                 continue
-            copy_entry(entry, open_dirs[-1][0], root_fd, links, xw, can_clone, open_dirs)
-            if stat.S_ISREG(entry.st.st_mode):
-                stats.bytes += entry.st.st_size
+            stats.bytes += copy_entry(entry, open_dirs[-1][0], root_fd, links, xw, can_clone,
+                                      open_dirs)  # fmt: skip
         while open_dirs:
             leave_dir(open_dirs.pop(), root_fd, xw, stats)
     finally:
@@ -1126,21 +1125,22 @@ def copy_entries(entries: Iterable[Entry], root_fd: int, archive: Archive, stats
 
 
 def copy_entry(entry: Entry, parent: int, root_fd: int, links: Hardlinks, xw: XattrWriter,
-               can_clone: list[bool], open_dirs: list[tuple[int, Entry]]) -> None:  # fmt: skip
+               can_clone: list[bool], open_dirs: list[tuple[int, Entry]]) -> int:  # fmt: skip
+    """Make one entry (a directory is left open on open_dirs); the bytes of data copied."""
     st, name = entry.st, entry.name
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         os.mkdir(name, 0o700, dir_fd=parent)
         open_dirs.append((os.open(name, DIR_FLAGS, dir_fd=parent), entry))
-        return
+        return 0
     if is_hardlink(entry):
         first = links.first_link(st, entry.rel)
         if first is not None:
             link_at(root_fd, first, parent, name)
-            return
+            return 0
     if stat.S_ISREG(mode):
         copy_file(entry, parent, xw, can_clone)
-        return
+        return st.st_size
     if stat.S_ISLNK(mode):
         os.symlink(os.readlink(entry.name, dir_fd=entry.dir_fd), name, dir_fd=parent)
     elif stat.S_ISFIFO(mode):
@@ -1148,6 +1148,7 @@ def copy_entry(entry: Entry, parent: int, root_fd: int, links: Hardlinks, xw: Xa
     else:  # devices (whiteouts among them) and sockets
         os.mknod(name, mode, st.st_rdev, dir_fd=parent)
     set_metadata((parent, name), entry, xw)
+    return 0
 
 
 def leave_dir(level: tuple[int, Entry], root_fd: int, xw: XattrWriter, stats: Stats) -> None:
