@@ -29,6 +29,7 @@ import errno
 import gzip
 import hashlib
 import importlib
+import itertools
 import json
 import os
 import re
@@ -38,6 +39,7 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -54,6 +56,7 @@ TMP_MARK = ".archive_overlay-tmp-"
 RUN_TIMEOUT = 30.0
 PADDING_WARNINGS = 16  # main-thread writes before the archive work (see the module's doc)
 MAX_PICKS = 4  # fault points per (method, scenario, kind)
+PARALLEL_RUNS = 2
 
 
 # --- which calls, with which errors ---------------------------------------------------------
@@ -356,19 +359,22 @@ def candidates(ref: Reference, kind: Kind, upper: str) -> list[Call]:
     return found
 
 
-def site(call: Call, upper: str) -> str:
-    """What kind of place in the code a call comes from: its name, side and flags."""
+def site(call: Call, upper: str) -> tuple[str, str]:
+    """Where a call comes from: the side it works on, and its name and flags."""
     side = "upper" if upper in call.text else "destination"
     shape = re.sub(r'"(?:[^"\\]|\\.)*"|<[^>]*>|\d+', "", call.text.partition(") = ")[0])
-    return f"{call.name} {side} {shape}"
+    return side, f"{call.name} {shape}"
 
 
 def pick(found: list[Call], upper: str) -> list[Call]:
-    """The first call of each distinct site, then the last call: at most MAX_PICKS."""
-    chosen: dict[str, Call] = {}
+    """The first call of each distinct site, the upperdir's and the destination's in turn,
+    then the last call: at most MAX_PICKS."""
+    firsts: dict[tuple[str, str], Call] = {}
     for call in found:
-        chosen.setdefault(site(call, upper), call)
-    picks = list(chosen.values())[: MAX_PICKS - 1]
+        firsts.setdefault(site(call, upper), call)
+    sides = [[c for (side, _), c in firsts.items() if side == s] for s in ("upper", "destination")]
+    turns = [c for pair in itertools.zip_longest(*sides) for c in pair if c is not None]
+    picks = sorted(turns[: MAX_PICKS - 1], key=lambda c: c.index)
     if found and found[-1] not in picks:
         picks.append(found[-1])
     return picks
@@ -575,10 +581,17 @@ def test_fault(world, hook_bin, references, method, scenario, kind):
     ref = references(method, scenario, kind.fallback)
     found = candidates(ref, kind, world.upper)
     assert found, f"{method} ({scenario}) makes no {kind.name} call for archive a: update KINDS"
-    problems = []
-    for i, target in enumerate(pick(found, world.upper)):
-        error = kind.errnos[i % len(kind.errnos)]
-        problems += check_fault(world, hook_bin, ref, method, scenario, kind, target, error)
+    targets = pick(found, world.upper)
+    errors = [kind.errnos[i % len(kind.errnos)] for i in range(len(targets))]
+    with ThreadPoolExecutor(PARALLEL_RUNS) as pool:  # each run has its own directory
+        reports = pool.map(
+            lambda target, error: check_fault(
+                world, hook_bin, ref, method, scenario, kind, target, error
+            ),
+            targets,
+            errors,
+        )
+    problems = [problem for report in reports for problem in report]
     assert not problems, "\n\n".join(problems)
 
 
