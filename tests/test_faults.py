@@ -4,9 +4,10 @@ The installed hook runs (empty environment, piped state JSON, a real overlay
 mount's upperdir) under `strace --inject=SYSCALL:error=ERRNO:when=N`.  Each run
 asks for two archives: `a` (the method under test) and `b` (a copy, after it).
 N is found, not hard-coded: a first run under `strace -f -y` traces every call,
-and N is picked among the calls that touch the upperdir or a's destination,
-so Python's start-up and imports are never hit and the test keeps working when
-they change.  Counts are per syscall and per thread (strace counts per
+and N is picked among the calls that touch the upperdir or a's destination
+(the first call of each distinct site, the upperdir's and the destination's in
+turn, and the last call), so Python's start-up and imports are never hit and
+the test keeps working when they change.  Counts are per syscall and per thread (strace counts per
 tracee); warnings logged before the archive work (a padding archive with
 unknown arguments) keep the main thread's Nth `write` away from the error line
 when a compressor thread's Nth `write` is the target.
@@ -111,12 +112,9 @@ KINDS = [
     Kind("utimensat", ("utimensat",), ("EIO", "EACCES"), COPY),
     Kind("syncfs", ("syncfs",), ("EIO",), COPY, must_fail=True),
 ]
-# archive-to's directory missing (the hook makes it): the calls that differ from "older".
+# Each kind runs with an older archive at archive-to (kept intact on failure); these also run
+# with archive-to's directory missing (the hook makes it), where the calls differ.
 FRESH_KINDS = ("openat", "mkdir", "rename", "fsync", "stat")
-SCENARIOS = {
-    "older": "an older archive at archive-to, to be kept intact on failure",
-    "fresh": "archive-to's directory does not exist yet",
-}
 
 
 def cases() -> Iterator[tuple[str, str, Kind]]:
@@ -288,7 +286,7 @@ def parse_trace(path: Path) -> list[Call]:
 
 
 def touches_a(call: Call, upper: str) -> bool:
-    """The call reads the upperdir or writes archive a (copy's writes go by /proc/self/fd/)."""
+    """The call reads the upperdir or writes archive a (xattrs are read by /proc/self/fd/N/)."""
     return upper in call.text or "dest-a" in call.text or "/proc/self/fd/" in call.text
 
 
