@@ -443,6 +443,17 @@ def as_it_was(run: Run) -> dict:
     return {"archive": tree(run.archive_a), "descriptor": tree(Path(f"{run.archive_a}.json"))}
 
 
+def changes(before: dict, after: dict) -> str:
+    """What became of archive-to and its descriptor, in words."""
+    words = []
+    for what in before:
+        old, new = before[what], after[what]
+        if old != new:
+            change = "replaced" if old and new else "removed" if old else "created"
+            words.append(f"{what} {change}")
+    return ", ".join(words)
+
+
 def temporaries(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if TMP_MARK in p.name]
 
@@ -553,8 +564,9 @@ def outcome_problems(world: World, ref: Reference, run: Run, kind: Kind, target:
         problems.append(f"not exactly one error line, for archive a: {errors}")
     elif hits:
         problems += naming_problems(errors[0], hits[0], upper)
-    if as_it_was(run) != before:
-        problems.append(f"archive-to changed: {before} -> {as_it_was(run)}")
+    after = as_it_was(run)
+    if after != before:
+        problems.append("archive-to not as it was: " + changes(before, after))
     return problems
 
 
