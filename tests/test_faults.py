@@ -446,8 +446,8 @@ def as_it_was(run: Run) -> dict:
 def changes(before: dict, after: dict) -> str:
     """What became of archive-to and its descriptor, in words."""
     words = []
-    for what in before:
-        old, new = before[what], after[what]
+    for what, old in before.items():
+        new = after[what]
         if old != new:
             change = "replaced" if old and new else "removed" if old else "created"
             words.append(f"{what} {change}")
