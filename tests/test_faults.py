@@ -33,6 +33,7 @@ import importlib
 import itertools
 import json
 import os
+import posixpath
 import re
 import shutil
 import signal
@@ -479,7 +480,7 @@ def named_entries(call: Call, upper: str) -> set[str]:
         paths += [f"{d}/{name}" for d, name in AT_PAIR.findall(call.text) if name[:1] != "/"]
     names = set()
     for path in paths:
-        path = path.rstrip("/")
+        path = posixpath.normpath(path)
         if path == upper or path.startswith(upper + "/"):
             names.add(path[len(upper) + 1 :])
             continue
