@@ -914,9 +914,10 @@ def pid_alive(pid: int) -> bool:
 class Destination:
     """archive-to's parent directory, held open, and a temporary beside it."""
 
-    def __init__(self, archive_to: str, allow_dirs: tuple[str, ...]) -> None:
+    def __init__(self, archive_to: str, allow_dirs: tuple[str, ...], archive: str = "") -> None:
         real = check_allowed(archive_to, allow_dirs, "archive-to")
         self.path = archive_to
+        self.archive = archive  # its name, for the log
         self.parent, self.name = posixpath.split(real)
         try:
             self.dir_fd = open_dir_nofollow(self.parent, create=True)
@@ -981,7 +982,7 @@ class Destination:
         except OSError as exc:
             log.warning(
                 "what the archive replaced is left behind: the next run removes it",
-                path=posixpath.join(self.parent, tmp), error=describe(exc),
+                archive=self.archive, path=posixpath.join(self.parent, tmp), error=describe(exc),
             )  # fmt: skip
 
     def check_kind(self, is_dir: bool) -> None:
@@ -1855,7 +1856,7 @@ def archive_one(archive: Archive, config: dict, bundle: str, opts: Options) -> N
     upper = locate_upper(archive.mount_point, config, bundle, opts.mount_program)
     if archive.success:
         check_allowed(archive.success, opts.allow_dirs, "success")
-    dest = Destination(archive.archive_to, opts.allow_dirs)
+    dest = Destination(archive.archive_to, opts.allow_dirs, archive.name)
     try:
         for name in (dest.name, dest.name + ".json"):
             remove_stale_temporaries(dest.dir_fd, name, dest.parent)
