@@ -1705,6 +1705,8 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
         manifest = new_manifest(base, stats.descriptor, config_descriptor, info)
         stats.descriptor = layout.put_json_blob(manifest, MANIFEST_MEDIA_TYPE)
         tag_revision(layout, stats.descriptor, archive.image_tag)
+    except OSError as exc:
+        raise ArchiveError(f"image layout {layout.path}: {describe(exc)}") from None
     finally:
         layout.close()
     return stats

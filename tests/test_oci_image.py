@@ -1,0 +1,434 @@
+"""The oci-image methods commit each run as a tagged revision of an OCI image layout.
+
+First with overlays mounted here: placeholders in paths, the layout's
+contents (blobs checked against their digests and sizes), 8 hooks at once,
+SIGKILL at chosen system calls (strace injects it), and bad input. Then the
+loop users run, with real tools only: podman (rootful, rootless native,
+rootless fuse-overlayfs) mounts the tagged revision, a container changes it,
+the hook commits the next revision, three times; umoci unpacks each revision,
+skopeo shows its history, and a real registry (Debian's docker-registry)
+takes the revisions and gives revision 3 to a podman with another storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import Overlay, archive_annotations, requires_root, state_json, write_bundle
+from test_safety import (
+    TMP_MARK,
+    HookRun,
+    finish,
+    hook,
+    mounted,
+    random_files,
+    small_tree,
+    start_hook,
+    tmpfs,  # noqa: F401 - a fixture
+    tree,
+)
+
+pytestmark = requires_root
+
+REF_NAME = "org.opencontainers.image.ref.name"
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+TIME_RE = r"\d{8}T\d{6}Z"
+
+
+# --- the hook on a hand-made overlay ------------------------------------------------------
+
+
+def image_args(layout: Path, tag: str = "data", method: str = "oci-image", **more: str) -> dict:
+    return {"archive_to": str(layout), "method": method, "image_tag": tag, **more}
+
+
+def image_state(tmp_path: Path, ovl: Overlay, archives: dict[str, dict[str, str]],
+                container: str = "c0ffee") -> str:  # fmt: skip
+    """A state JSON (container id `container`) whose config mounts ovl at /data."""
+    annotations: dict[str, str] = {}
+    for name, args in archives.items():
+        annotations.update(archive_annotations(name, mount_point="/data", **args))
+    bundle = write_bundle(tmp_path / "bundle", [ovl.mount_entry("/data")], annotations)
+    state = json.loads(state_json(bundle))
+    state["id"] = container
+    return json.dumps(state)
+
+
+def written_manifest(run: HookRun, archive: str = "data") -> str:
+    """The manifest digest the hook's log line gives for an archive."""
+    for line in run.log.splitlines():
+        if "archive written" in line and f" archive={archive} " in f" {line} ":
+            found = re.search(r" manifest=(sha256:[0-9a-f]{64}) ", line + " ")
+            assert found, line
+            return found.group(1)
+    raise AssertionError(f"no archive written line for {archive}:\n{run.log}")
+
+
+# --- reading a layout as image-spec says, checking every blob ------------------------------
+
+
+def blob(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def check_blob(layout: Path, descriptor: dict) -> Path:
+    path = blob(layout, descriptor["digest"])
+    assert path.is_file(), f"{descriptor['digest']} referenced but missing"
+    assert path.stat().st_size == descriptor["size"], f"{path}: wrong size"
+    assert sha256_file(path) == descriptor["digest"], f"{path}: wrong digest"
+    return path
+
+
+def check_layout(layout: Path) -> dict:
+    """index.json, each manifest, config and layer it references: present and whole."""
+    assert json.loads((layout / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+    index = json.loads((layout / "index.json").read_text())
+    assert index["schemaVersion"] == 2, index
+    for descriptor in index["manifests"]:
+        manifest = json.loads(check_blob(layout, descriptor).read_text())
+        assert manifest["mediaType"] == descriptor["mediaType"] == MANIFEST
+        config = json.loads(check_blob(layout, manifest["config"]).read_text())
+        assert len(config["rootfs"]["diff_ids"]) == len(manifest["layers"]), config
+        for layer in manifest["layers"]:
+            check_blob(layout, layer)
+    leftovers = [p for p in layout.rglob("*") if TMP_MARK in p.name]
+    assert leftovers == [], f"temporaries left: {leftovers}"
+    return index
+
+
+def tagged(index: dict, tag: str) -> list[str]:
+    return [d["digest"] for d in index["manifests"] if d.get("annotations", {}).get(REF_NAME) == tag]
+
+
+def read_json_blob(layout: Path, digest: str) -> dict:
+    return json.loads(blob(layout, digest).read_text())
+
+
+# --- placeholders ---------------------------------------------------------------------------
+
+
+def test_placeholders_in_archive_to_success_and_image_tag(hook_bin, make_overlay, tmp_path):
+    ovl = small_tree(make_overlay())
+    out = tmp_path / "out"
+    archives = {
+        "tarred": {"archive_to": f"{out}/{{name}}-{{id}}-{{time}}.tar.gz", "method": "tar.gz",
+                   "success": f"{out}/{{name}}-{{time}}.ok"},
+        "image": image_args(out / "layout-{id}", tag="rev-{time}",
+                            success=f"{out}/{{{{literal}}}}-{{name}}.ok"),
+    }  # fmt: skip
+    run = hook(hook_bin, image_state(tmp_path, ovl, archives, container="abc123"))
+    assert run.returncode == 0, run.log
+    names = {p.name for p in out.iterdir()}
+    oks = [n for n in names if n.startswith("tarred-") and n.endswith(".ok")]
+    assert len(oks) == 1, names
+    stamp = oks[0].removeprefix("tarred-").removesuffix(".ok")
+    assert re.fullmatch(TIME_RE, stamp), names
+    # the same {time} in every archive of the run
+    assert names == {"layout-abc123", f"tarred-abc123-{stamp}.tar.gz", f"tarred-{stamp}.ok",
+                     "{literal}-image.ok"}  # fmt: skip
+    index = check_layout(out / "layout-abc123")
+    assert tagged(index, f"rev-{stamp}") == [written_manifest(run, "image")]
+
+
+@pytest.mark.parametrize(
+    ("arg", "value", "words"),
+    [
+        ("archive_to", "/tmp/x-{nope}", "unknown placeholder {nope}"),
+        ("archive_to", "/tmp/x-{id", "unknown placeholder {id"),
+        ("success", "/tmp/x-}", "a lone }"),
+        ("image_tag", "rev-{Time}", "unknown placeholder {Time}"),
+        ("image_tag", "bad tag", "image-tag 'bad tag' is not a valid ref name"),
+        ("image_tag", "-{time}", "is not a valid ref name"),
+        ("image_tag", "", "needs an image-tag"),
+    ],
+)
+def test_bad_placeholder_or_tag_fails_that_archive(hook_bin, make_overlay, tmp_path, arg, value,
+                                                    words):  # fmt: skip
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    archives = {"bad": image_args(layout) | {arg: value},
+                "good": image_args(tmp_path / "good")}  # fmt: skip
+    run = hook(hook_bin, image_state(tmp_path, ovl, archives))
+    assert run.returncode == 1, run.log
+    line = run.error_for("bad")
+    assert words in line and "Traceback" not in run.log, line
+    assert not layout.exists() and not (value.startswith("/") and Path(value).exists())
+    check_layout(tmp_path / "good")
+
+
+def test_container_id_that_is_not_one_path_component_is_refused(hook_bin, make_overlay, tmp_path):
+    ovl = small_tree(make_overlay())
+    archives = {"data": {"archive_to": f"{tmp_path}/out/{{id}}", "method": "tar"}}
+    run = hook(hook_bin, image_state(tmp_path, ovl, archives, container="../escape"))
+    assert run.returncode == 1, run.log
+    assert "the id is missing, or is not one path component" in run.error_for("data")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
+
+
+# --- revisions ------------------------------------------------------------------------------
+
+
+def test_revisions_stack_and_the_old_tag_holder_stays(hook_bin, make_overlay, tmp_path):
+    """Three commits: each on the last, the layer byte for byte the oci-layer file."""
+    ovl = small_tree(make_overlay())
+    layout, plain = tmp_path / "layout", tmp_path / "plain.tar.gz"
+    digests = []
+    for i in range(3):
+        archives = {"data": image_args(layout),
+                    "plain": {"archive_to": str(plain), "method": "oci-layer"}}  # fmt: skip
+        run = hook(hook_bin, image_state(tmp_path, ovl, archives, container=f"run{i}"))
+        assert run.returncode == 0, run.log
+        digests.append(written_manifest(run))
+        index = check_layout(layout)
+        assert tagged(index, "data") == [digests[-1]]
+        assert [d["digest"] for d in index["manifests"]] == digests  # earlier ones stay
+        manifest = read_json_blob(layout, digests[-1])
+        descriptor = json.loads(Path(f"{plain}.json").read_text())
+        assert manifest["layers"][-1] == {k: descriptor[k] for k in ("mediaType", "digest", "size")}
+        assert blob(layout, descriptor["digest"]).read_bytes() == plain.read_bytes()
+        config = read_json_blob(layout, manifest["config"]["digest"])
+        assert config["rootfs"]["diff_ids"][-1] == descriptor["diff_id"]
+        assert len(manifest["layers"]) == i + 1
+        history = config["history"][-1]
+        assert history["created_by"].startswith("archive_overlay ")
+        assert history["comment"] == f"container run{i} archive data"
+        annotations = manifest["annotations"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ",
+                            annotations["org.opencontainers.image.created"])  # fmt: skip
+        if i:
+            assert annotations["org.opencontainers.image.base.digest"] == digests[-2]
+            assert annotations["org.opencontainers.image.base.name"] == "data"
+            previous = read_json_blob(layout, digests[-2])
+            assert manifest["layers"][:-1] == previous["layers"]
+        else:
+            assert set(annotations) == {"org.opencontainers.image.created"}
+    # image-base by digest: a branch from revision 1, tagged apart
+    archives = {"data": image_args(layout, tag="branch", image_base=digests[0])}
+    run = hook(hook_bin, image_state(tmp_path, ovl, archives, container="branch"))
+    assert run.returncode == 0, run.log
+    index = check_layout(layout)
+    branch = read_json_blob(layout, written_manifest(run))
+    assert len(branch["layers"]) == 2 and tagged(index, "data") == [digests[-1]]
+    assert branch["annotations"]["org.opencontainers.image.base.digest"] == digests[0]
+    assert "org.opencontainers.image.base.name" not in branch["annotations"]
+
+
+@pytest.mark.parametrize("same_tag", [True, False], ids=["same-tag", "different-tags"])
+def test_8_hooks_commit_to_one_layout_at_once(hook_bin, make_overlay, tmp_path, same_tag):
+    """None lost: every manifest in index.json, the tag on exactly one, every blob whole."""
+    ovl = make_overlay()
+    with mounted(ovl) as merged:
+        random_files(merged, 4, 64 << 10)
+    layout = tmp_path / "layout"  # made by the hooks themselves, all at once
+    procs = []
+    for i in range(8):
+        tag = "data" if same_tag else f"data-{i}"
+        method = "oci-image+zstd" if i % 2 else "oci-image"
+        state = image_state(tmp_path / f"s{i}", ovl, {"data": image_args(layout, tag, method)},
+                            container=f"hook{i}")  # fmt: skip
+        procs.append(start_hook(hook_bin, state))
+    runs = [finish(p) for p in procs]
+    assert [r.returncode for r in runs] == [0] * 8, "\n".join(r.log for r in runs)
+    written = [written_manifest(r) for r in runs]
+    index = check_layout(layout)
+    listed = [d["digest"] for d in index["manifests"]]
+    assert sorted(listed) == sorted(written), (listed, written)
+    if same_tag:
+        assert len(tagged(index, "data")) == 1 and tagged(index, "data")[0] in written
+    else:
+        assert all(tagged(index, f"data-{i}") == [written[i]] for i in range(8))
+
+
+# --- SIGKILL at chosen system calls -----------------------------------------------------------
+
+# After the layout holds revision 1, a commit renames, in order: the layer, the
+# config, the manifest, index.json; and fsyncs: the layer (1), the blobs dir
+# (2), config and its dir (3, 4), manifest (5, 6), index.json (7), the layout (8).
+KILL_POINTS = [  # (syscall, its invocation, index.json then, blobs added, a temporary left)
+    ("fsync", 1, "old", 0, True),  # the layer written, not yet renamed
+    ("renameat", 1, "old", 0, True),  # the layer about to be renamed
+    ("renameat", 2, "old", 1, True),  # the config about to be renamed
+    ("renameat", 3, "old", 2, True),  # the manifest about to be renamed
+    ("renameat", 4, "old", 3, True),  # index.json about to be renamed
+    ("fsync", 8, "new", 3, False),  # index.json renamed, its directory not yet fsync'd
+]
+
+
+def blob_names(layout: Path) -> set[str]:
+    return {p.name for p in (layout / "blobs" / "sha256").iterdir()}
+
+
+@pytest.mark.parametrize(("syscall", "when", "index_is", "added", "temporary"), KILL_POINTS,
+                         ids=[f"{p[0]}-{p[1]}" for p in KILL_POINTS])  # fmt: skip
+def test_sigkill_leaves_the_old_or_the_whole_new_revision(hook_bin, make_overlay, tmp_path,
+                                                          syscall, when, index_is, added,
+                                                          temporary):  # fmt: skip
+    if shutil.which("strace") is None:
+        pytest.fail("strace missing (apt-get install strace)")
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    first = hook(hook_bin, image_state(tmp_path, ovl, {"data": image_args(layout)}, "first"))
+    assert first.returncode == 0, first.log
+    old_index, old_blobs = (layout / "index.json").read_bytes(), blob_names(layout)
+    with mounted(ovl) as merged:
+        (merged / "second").write_text("a new layer, config and manifest\n")
+    state = image_state(tmp_path, ovl, {"data": image_args(layout)}, "second")
+    inject = f"inject={syscall}:signal=KILL:when={when}"
+    proc = subprocess.run(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}", "-e", inject,
+         str(hook_bin)], input=state.encode(), capture_output=True, env={}, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode in (-9, 137), (proc.returncode, proc.stderr.decode())
+    new_blobs = blob_names(layout) - old_blobs
+    assert len([n for n in new_blobs if TMP_MARK not in n]) == added, new_blobs
+    left = [p.name for p in layout.rglob("*") if TMP_MARK in p.name]
+    assert bool(left) == temporary, left
+    index_now = (layout / "index.json").read_bytes()
+    index = json.loads(index_now)
+    if index_is == "old":
+        assert index_now == old_index
+    else:
+        assert len(index["manifests"]) == 2
+        assert tagged(index, "data") != tagged(json.loads(old_index), "data")
+    for descriptor in index["manifests"]:  # never a descriptor whose blobs are missing
+        manifest = json.loads(check_blob(layout, descriptor).read_text())
+        for needed in [manifest["config"], *manifest["layers"]]:
+            check_blob(layout, needed)
+    after = hook(hook_bin, state)  # the next run goes on, and cleans up
+    assert after.returncode == 0, after.log
+    index = check_layout(layout)
+    assert tagged(index, "data") == [written_manifest(after)]
+
+
+# --- bad input: one error line, the layout unchanged -----------------------------------------
+
+
+def layout_with_revision(hook_bin: Path, tmp_path: Path, ovl: Overlay, layout: Path) -> None:
+    run = hook(hook_bin, image_state(tmp_path, ovl, {"data": image_args(layout)}))
+    assert run.returncode == 0, run.log
+
+
+def rewrite_base_config(layout: Path, change) -> None:
+    """Give the tagged revision a config changed by `change` (a manifest change for 'media')."""
+    index = json.loads((layout / "index.json").read_text())
+    descriptor = index["manifests"][-1]
+    manifest = read_json_blob(layout, descriptor["digest"])
+    config = read_json_blob(layout, manifest["config"]["digest"])
+    change(manifest, config)
+    data = json.dumps(config).encode()
+    manifest["config"]["digest"] = "sha256:" + hashlib.sha256(data).hexdigest()
+    manifest["config"]["size"] = len(data)
+    blob(layout, manifest["config"]["digest"]).write_bytes(data)
+    data = json.dumps(manifest).encode()
+    descriptor["digest"], descriptor["size"] = "sha256:" + hashlib.sha256(data).hexdigest(), len(data)
+    blob(layout, descriptor["digest"]).write_bytes(data)
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def not_a_config(manifest: dict, config: dict) -> None:
+    manifest["config"]["mediaType"] = "application/vnd.oci.empty.v1+json"
+
+
+def no_rootfs(manifest: dict, config: dict) -> None:
+    del config["rootfs"]
+
+
+BAD_LAYOUTS = {
+    "no-oci-layout": (lambda layout: (layout / "oci-layout").unlink(), "no oci-layout"),
+    "not-a-layout-at-all": (lambda layout: (layout / "oci-layout").rename(layout / "other"),
+                            "no oci-layout"),
+    "index-not-json": (lambda layout: (layout / "index.json").write_text("{\"manifests\": ["),
+                       "index.json is not valid JSON"),
+    "index-not-an-index": (lambda layout: (layout / "index.json").write_text("[]"),
+                           "index.json is not a JSON object"),
+    "base-config-not-an-image-config": (lambda layout: rewrite_base_config(layout, not_a_config),
+                                        "not an image config"),
+    "base-config-without-rootfs": (lambda layout: rewrite_base_config(layout, no_rootfs),
+                                   "is not an image config"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_LAYOUTS)
+def test_bad_layout_fails_with_one_line_and_is_left_alone(hook_bin, make_overlay, tmp_path, case):
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    layout_with_revision(hook_bin, tmp_path, ovl, layout)
+    spoil, words = BAD_LAYOUTS[case]
+    spoil(layout)
+    before = tree(layout)
+    run = hook(hook_bin, image_state(tmp_path, ovl, {"data": image_args(layout)}))
+    assert run.returncode == 1, run.log
+    errors = [line for line in run.log.splitlines() if "level=error" in line]
+    assert len(errors) == 1 and words in errors[0] and str(layout) in errors[0], run.log
+    assert "archive=data" in errors[0] and "Traceback" not in run.log
+    assert tree(layout) == before
+
+
+@pytest.mark.parametrize("base", ["missing", "sha256:" + "0" * 64, "bad base"])
+def test_named_base_that_is_missing_writes_nothing(hook_bin, make_overlay, tmp_path, base):
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    layout_with_revision(hook_bin, tmp_path, ovl, layout)
+    before = tree(layout)
+    archives = {"data": image_args(layout, image_base=base)}
+    run = hook(hook_bin, image_state(tmp_path, ovl, archives))
+    assert run.returncode == 1, run.log
+    assert base in run.error_for("data")
+    assert tree(layout) == before
+
+
+def test_full_disk_and_read_only_layout_are_left_alone(hook_bin, make_overlay, tmp_path, tmpfs):
+    ovl = make_overlay()
+    with mounted(ovl) as merged:
+        (merged / "small").write_text("small\n")
+    small = tmpfs("small", "size=1m")
+    layout_with_revision(hook_bin, tmp_path, ovl, small / "layout")
+    ro = tmpfs("ro", "size=1m")
+    layout_with_revision(hook_bin, tmp_path, ovl, ro / "layout")
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    with mounted(ovl) as merged:
+        random_files(merged, 3, 1 << 20)  # 3 MiB: more than the tmpfs holds
+    before = {path: tree(path) for path in (small, ro)}
+    archives = {"full": image_args(small / "layout"), "ro": image_args(ro / "layout")}
+    run = hook(hook_bin, image_state(tmp_path, ovl, archives))
+    assert run.returncode == 1, run.log
+    assert "No space left on device" in run.error_for("full"), run.log
+    assert "Read-only file system" in run.error_for("ro"), run.log
+    assert len([line for line in run.log.splitlines() if "level=error" in line]) == 2, run.log
+    assert "Traceback" not in run.log
+    assert {path: tree(path) for path in (small, ro)} == before
+
+
+def test_allow_dir_applies_to_the_layout(hook_bin, make_overlay, tmp_path):
+    ovl = small_tree(make_overlay())
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    archives = {"in": image_args(allowed / "layout"), "out": image_args(outside / "layout")}
+    run = hook(hook_bin, image_state(tmp_path, ovl, archives), "--allow-dir", str(allowed))
+    assert run.returncode == 1, run.log
+    assert "outside the allowed directories" in run.error_for("out")
+    assert not outside.exists()
+    check_layout(allowed / "layout")
