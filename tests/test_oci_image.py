@@ -29,6 +29,30 @@ from pathlib import Path
 
 import pytest
 from conftest import Overlay, archive_annotations, requires_root, state_json, write_bundle
+from engines import (
+    FUSE_OVERLAYFS,
+    TEST_USER,
+    Podman,
+    build_oci_image,
+    ensure_fuse_device,
+    ensure_user,
+    remove_tree,
+    require,
+    run,
+    scratch_dir,
+)
+from test_oci_layer import (
+    BB_IMAGE,
+    LISTING,
+    Tree,
+    assert_same_tree,
+    build_tools_rootfs,
+    list_host_tree,
+    parse_listing,
+    podman_run_args,
+    read_log,
+    require_tools,
+)
 from test_safety import (
     TMP_MARK,
     HookRun,
@@ -108,7 +132,7 @@ def check_layout(layout: Path) -> dict:
     assert index["schemaVersion"] == 2, index
     for descriptor in index["manifests"]:
         manifest = json.loads(check_blob(layout, descriptor).read_text())
-        assert manifest["mediaType"] == descriptor["mediaType"] == MANIFEST
+        assert manifest.get("mediaType", MANIFEST) == descriptor["mediaType"] == MANIFEST
         config = json.loads(check_blob(layout, manifest["config"]).read_text())
         assert len(config["rootfs"]["diff_ids"]) == len(manifest["layers"]), config
         for layer in manifest["layers"]:
@@ -119,7 +143,9 @@ def check_layout(layout: Path) -> dict:
 
 
 def tagged(index: dict, tag: str) -> list[str]:
-    return [d["digest"] for d in index["manifests"] if d.get("annotations", {}).get(REF_NAME) == tag]
+    return [
+        d["digest"] for d in index["manifests"] if d.get("annotations", {}).get(REF_NAME) == tag
+    ]
 
 
 def read_json_blob(layout: Path, digest: str) -> dict:
@@ -343,7 +369,10 @@ def rewrite_base_config(layout: Path, change) -> None:
     manifest["config"]["size"] = len(data)
     blob(layout, manifest["config"]["digest"]).write_bytes(data)
     data = json.dumps(manifest).encode()
-    descriptor["digest"], descriptor["size"] = "sha256:" + hashlib.sha256(data).hexdigest(), len(data)
+    descriptor["digest"], descriptor["size"] = (
+        "sha256:" + hashlib.sha256(data).hexdigest(),
+        len(data),
+    )
     blob(layout, descriptor["digest"]).write_bytes(data)
     (layout / "index.json").write_text(json.dumps(index))
 
@@ -400,7 +429,7 @@ def test_named_base_that_is_missing_writes_nothing(hook_bin, make_overlay, tmp_p
     assert tree(layout) == before
 
 
-def test_full_disk_and_read_only_layout_are_left_alone(hook_bin, make_overlay, tmp_path, tmpfs):
+def test_full_disk_and_read_only_layout_are_left_alone(hook_bin, make_overlay, tmp_path, tmpfs):  # noqa: F811
     ovl = make_overlay()
     with mounted(ovl) as merged:
         (merged / "small").write_text("small\n")
@@ -432,3 +461,295 @@ def test_allow_dir_applies_to_the_layout(hook_bin, make_overlay, tmp_path):
     assert "outside the allowed directories" in run.error_for("out")
     assert not outside.exists()
     check_layout(allowed / "layout")
+
+
+# --- the loop with podman: run, revision, the next run mounts it ---------------------------
+
+# `sh -c LOOP sh /data N`: the listing before, run N's changes, the listing after.
+RUN_CHANGES = """(
+set -e
+cd "$1"
+echo "added in run $2" > "added-$2.txt"
+echo "changed in run $2" >> changing.txt
+rm "doomed-$2.txt"
+rm -r redo
+mkdir -p redo/sub
+echo "redone in run $2" > "redo/sub/r-$2.txt"
+) || exit 3
+"""
+LOOP = LISTING + "echo '#####'\n" + RUN_CHANGES + LISTING
+RUNS = 3
+
+
+def write_loop_data(root: Path) -> Path:
+    for d in ("keep", "redo/sub"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    files = {
+        "keep/k.txt": "kept\n",
+        "changing.txt": "first line\n",
+        "redo/old.txt": "old\n",
+        "redo/sub/y.txt": "y\n",
+    } | {f"doomed-{n}.txt": f"doomed {n}\n" for n in range(1, 4)}
+    for name, text in files.items():
+        (root / name).write_text(text)
+    return root
+
+
+def assert_run_changes(view: Tree, n: int, diag: str) -> None:
+    """After run n: what runs 1..n added, changed and deleted; redo/ as run n made it."""
+    names = set(view.items)
+    assert {f"added-{i}.txt" for i in range(1, n + 1)} <= names, diag
+    assert not {f"doomed-{i}.txt" for i in range(1, n + 1)} & names, diag
+    assert {f"doomed-{i}.txt" for i in range(n + 1, RUNS + 1)} <= names, diag
+    assert {p for p in names if p.startswith("redo/")} == {"redo/sub", f"redo/sub/r-{n}.txt"}, diag
+    assert view.items["keep/k.txt"].kind == "file", diag
+
+
+@dataclass(frozen=True)
+class LoopScenario:
+    name: str
+    key: str  # a short dir name: podman's runroot must stay within 50 characters
+    rootless: bool = False
+    fuse: bool = False
+    registry: bool = False  # also push each revision to a registry, pull it on another podman
+
+
+LOOP_SCENARIOS = [
+    LoopScenario("rootful-native", "rf", registry=True),
+    LoopScenario("rootless-native", "rn", rootless=True),
+    LoopScenario("rootless-fuse", "rx", rootless=True, fuse=True),
+]
+
+
+@pytest.fixture(scope="module")
+def loop_images() -> Iterator[Path]:
+    """A world-reachable dir with an OCI layout holding `bb` (busybox, getfattr) and `data`."""
+    require_tools("podman", "runc")
+    base = scratch_dir("ao-oi-")
+    base.chmod(0o755)
+    try:
+        build_oci_image(base / "img", "bb", build_tools_rootfs(base / "rootfs"))
+        build_oci_image(base / "img", "data", write_loop_data(base / "data"))
+        yield base
+    finally:
+        remove_tree(base)
+
+
+def user_tool(podman: Podman, *cmd: str) -> subprocess.CompletedProcess:
+    """A tool run as podman's user, in its user namespace when rootless (containers-storage)."""
+    if podman.user is None:
+        return run(podman.as_user(list(cmd)))
+    return run(podman.as_user(["podman", "unshare", *cmd]))
+
+
+def unpacked_view(layout: Path, zstd: bool, work: Path) -> Tree:
+    """umoci's unpacking of the layout's `data`; zstd layers go through skopeo as gzip first."""
+    if zstd:  # umoci 0.4.7 knows only gzip layers
+        gzip_layout = work / "as-gzip"
+        shutil.rmtree(gzip_layout, ignore_errors=True)
+        run(["skopeo", "copy", "--quiet", "--dest-compress-format", "gzip", f"oci:{layout}:data",
+             f"oci:{gzip_layout}:data"])  # fmt: skip
+        layout = gzip_layout
+    bundle = work / "bundle"
+    shutil.rmtree(bundle, ignore_errors=True)
+    run(["umoci", "unpack", "--image", f"{layout}:data", str(bundle)])
+    return list_host_tree(bundle / "rootfs")
+
+
+@pytest.mark.parametrize("scenario", LOOP_SCENARIOS, ids=lambda s: s.name)
+def test_each_run_commits_a_revision_the_next_run_mounts(scenario: LoopScenario,
+                                                         loop_images: Path, hook_bin: Path,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    if scenario.rootless:
+        require_tools("runuser", "newuidmap", "newgidmap")
+    if scenario.fuse:
+        require(Path(FUSE_OVERLAYFS).exists() and Path("/dev/fuse").exists(), "no fuse-overlayfs")
+        ensure_fuse_device()
+    if scenario.registry:
+        require(shutil.which("docker-registry") is not None, "docker-registry not installed")
+    user = ensure_user(TEST_USER) if scenario.rootless else None
+    if user is not None:
+        proc = run(["runuser", "-u", user.name, "--", str(hook_bin), "--help"], check=False)
+        assert proc.returncode == 0, f"{user.name} cannot run the hook {hook_bin}:\n{proc.stderr}"
+    root = loop_images / scenario.key
+    podman = Podman(root, user=user, fuse=scenario.fuse)
+    revs, log = root / "revs", root / "hook.log"
+    layout = revs / "data"
+    try:
+        podman.setup()
+        revs.mkdir()
+        if user is not None:
+            os.chown(revs, user.uid, user.gid)
+        podman.install_hook(hook_bin, log, allow_dir=revs)
+        podman.load(f"oci:{loop_images / 'img'}:bb", BB_IMAGE)
+        podman.load(f"oci:{loop_images / 'img'}:data", "localhost/data:start")
+        # Once: the data image into a layout, as the README shows.
+        user_tool(podman, "skopeo", "copy", "--quiet", "containers-storage:localhost/data:start",
+                  f"oci:{layout}:data")  # fmt: skip
+        with registry_for(scenario, tmp_path) as reg:
+            views = loop_three_times(podman, layout, log, scenario, tmp_path, reg)
+            if reg is not None:
+                check_another_machine(reg, loop_images, views[-1], tmp_path)
+        history = json.loads(run(["skopeo", "inspect", "--config", f"oci:{layout}:data"]).stdout)
+        ours = history["history"][-RUNS:]
+        assert [h["created_by"] for h in ours] == ["archive_overlay 3.0.0"] * RUNS, history
+        assert all(re.fullmatch(r"container [0-9a-f]{64} archive data", h["comment"])
+                   for h in ours), ours  # fmt: skip
+    finally:
+        podman.teardown()
+
+
+def loop_three_times(podman: Podman, layout: Path, log: Path, scenario: LoopScenario,
+                     tmp_path: Path, reg: Registry | None) -> list[Tree]:  # fmt: skip
+    views: list[Tree] = []
+    for n in range(1, RUNS + 1):
+        pinned = user_tool(podman, "skopeo", "inspect", "--format", "{{.Digest}}",
+                           f"oci:{layout}:data").stdout.strip()  # fmt: skip
+        image = f"localhost/data:in{n}"
+        podman.load(f"oci:{layout}:data", image)
+        zstd = n == 2  # the second revision's layer is zstd
+        annotations = archive_annotations(
+            "data", mount_point="/data", archive_to=str(layout), image_tag="data",
+            image_base=pinned, method="oci-image+zstd" if zstd else "oci-image",
+        )  # fmt: skip
+        proc = podman(*podman_run_args(annotations, image, True, LOOP, "/data", str(n)),
+                      check=False)  # fmt: skip
+        diag = (f"\n[{scenario.name} run {n}] podman exit {proc.returncode}, stderr:\n"
+                f"{proc.stderr}--- hook log:\n{read_log(log)}")  # fmt: skip
+        assert proc.returncode == 0, diag
+        before_text, _, after_text = proc.stdout.partition("#####\n")
+        before, after = parse_listing(before_text), parse_listing(after_text)
+        if views:  # the container mounted exactly what the last one left
+            assert_same_tree(views[-1], before, f"run {n}'s /data before its changes", diag)
+        assert_run_changes(after, n, diag)
+        views.append(after)
+        index = check_layout(layout)
+        digest = written_manifest(HookRun(0, read_log(log).splitlines()[-1]))
+        assert tagged(index, "data") == [digest], diag
+        manifest = read_json_blob(layout, digest)
+        assert manifest["annotations"]["org.opencontainers.image.base.digest"] == pinned, diag
+        assert len(manifest["layers"]) == n + 1, diag
+        work = tmp_path / f"unpack{n}"
+        work.mkdir()
+        has_zstd = n >= 2  # from revision 2 on, the image holds a zstd layer
+        assert_same_tree(after, unpacked_view(layout, has_zstd, work), f"umoci, rev {n}", diag)
+        if reg is not None:
+            reg.push(layout, n, manifest, diag)
+    last = podman(*podman_run_args({}, podman_loaded(podman, layout), False, LISTING, "/data"))
+    assert_same_tree(views[-1], parse_listing(last.stdout), "a container of revision 3")
+    return views
+
+
+def podman_loaded(podman: Podman, layout: Path) -> str:
+    podman.load(f"oci:{layout}:data", "localhost/data:final")
+    return "localhost/data:final"
+
+
+# --- a real registry ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+REGISTRY_CONFIG = """version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: {storage}
+http:
+  addr: 127.0.0.1:{port}
+"""
+UPLOAD_RE = re.compile(r"PUT /v2/data/blobs/uploads/\S*digest=sha256%3A([0-9a-f]{64})")
+
+
+@dataclass
+class Registry:
+    """Debian's docker-registry (CNCF distribution) on 127.0.0.1, its storage and log in tmp."""
+
+    port: int
+    log: Path
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def has_blob(self, digest: str) -> bool:
+        request = urllib.request.Request(f"http://{self.host}/v2/data/blobs/{digest}",
+                                         method="HEAD")  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status == 200
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return False
+            raise
+
+    def uploads(self) -> list[str]:
+        return ["sha256:" + d for d in UPLOAD_RE.findall(self.log.read_text(errors="replace"))]
+
+    def push(self, layout: Path, n: int, manifest: dict, diag: str) -> None:
+        """Revision n to data:rev<n>: only its new layer and its config go over the wire."""
+        new = {manifest["layers"][-1]["digest"], manifest["config"]["digest"]}
+        old = {layer["digest"] for layer in manifest["layers"][:-1]}
+        if n > 1:
+            assert all(self.has_blob(d) for d in old), diag
+            assert not any(self.has_blob(d) for d in new), diag
+        before = len(self.uploads())
+        run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:data",
+             f"docker://{self.host}/data:rev{n}"])  # fmt: skip
+        uploaded = set(self.uploads()[before:])
+        assert uploaded == (new if n > 1 else new | old), (uploaded, new, diag)
+        assert all(self.has_blob(d) for d in new | old), diag
+
+
+@contextmanager
+def registry_for(scenario: LoopScenario, tmp_path: Path) -> Iterator[Registry | None]:
+    if not scenario.registry:
+        yield None
+        return
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(REGISTRY_CONFIG.format(storage=tmp_path / "registry", port=port))
+    log = tmp_path / "registry.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        reg = Registry(port, log)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{reg.host}/v2/", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"registry not up:\n{log.read_text()}"
+                time.sleep(0.2)
+        yield reg
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def check_another_machine(reg: Registry, images: Path, expected: Tree, tmp_path: Path) -> None:
+    """A podman with a storage of its own pulls revision 3 from the registry and mounts it."""
+    other = Podman(images / "m2")
+    try:
+        other.setup()
+        other.load(f"oci:{images / 'img'}:bb", BB_IMAGE)
+        other("pull", "--quiet", "--tls-verify=false", f"{reg.host}/data:rev3")
+        proc = other(*podman_run_args({}, f"{reg.host}/data:rev3", False, LISTING, "/data"))
+        assert_same_tree(expected, parse_listing(proc.stdout), "revision 3 from the registry")
+    finally:
+        other.teardown()
