@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Overlay, archive_annotations, requires_root, state_json, write_bundle
+from conftest import REPO, Overlay, archive_annotations, requires_root, state_json, write_bundle
 from engines import (
     FUSE_OVERLAYFS,
     TEST_USER,
     Podman,
     build_oci_image,
+    build_rootfs,
     ensure_fuse_device,
     ensure_user,
     remove_tree,
@@ -41,6 +43,7 @@ from engines import (
     run,
     scratch_dir,
 )
+from engines import run as run_tool
 from test_oci_layer import (
     BB_IMAGE,
     LISTING,
@@ -250,6 +253,8 @@ def test_revisions_stack_and_the_old_tag_holder_stays(hook_bin, make_overlay, tm
             assert manifest["layers"][:-1] == previous["layers"]
         else:
             assert set(annotations) == {"org.opencontainers.image.created"}
+    run_tool(["umoci", "gc", "--layout", str(layout)])  # earlier revisions are referenced
+    assert [d["digest"] for d in check_layout(layout)["manifests"]] == digests
     # image-base by digest: a branch from revision 1, tagged apart
     archives = {"data": image_args(layout, tag="branch", image_base=digests[0])}
     run = hook(hook_bin, image_state(tmp_path, ovl, archives, container="branch"))
@@ -285,6 +290,38 @@ def test_8_hooks_commit_to_one_layout_at_once(hook_bin, make_overlay, tmp_path, 
         assert len(tagged(index, "data")) == 1 and tagged(index, "data")[0] in written
     else:
         assert all(tagged(index, f"data-{i}") == [written[i]] for i in range(8))
+
+
+def test_the_hook_waits_for_the_index_lock(hook_bin, make_overlay, tmp_path):
+    """Another process holds the fcntl lock on index.lock: the hook waits, then commits."""
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    state = image_state(tmp_path, ovl, {"data": image_args(layout)})
+    assert hook(hook_bin, state).returncode == 0
+    old_index = (layout / "index.json").read_bytes()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(layout / "index.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        waiting = start_hook(hook_bin, state)
+        time.sleep(2)
+        assert waiting.poll() is None, "the hook did not wait for the lock"
+        assert (layout / "index.json").read_bytes() == old_index
+    finally:
+        holder.communicate(b"release\n", timeout=10)  # closing the file drops the lock
+    run = finish(waiting)
+    assert run.returncode == 0, run.log
+    assert tagged(check_layout(layout), "data") == [written_manifest(run)]
+
+
+HOLD_LOCK = """import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
 
 
 # --- SIGKILL at chosen system calls -----------------------------------------------------------
@@ -753,3 +790,41 @@ def check_another_machine(reg: Registry, images: Path, expected: Tree, tmp_path:
         assert_same_tree(expected, parse_listing(proc.stdout), "revision 3 from the registry")
     finally:
         other.teardown()
+
+
+# --- the README's worked example, as written --------------------------------------------------
+
+
+def test_readme_revision_loop(hook_bin: Path) -> None:
+    """The README's loop block, run by bash as written, with rootful podman set up as the
+    README says (the hook in a hooks dir, --allow-dir /srv/revisions), in a private mount
+    namespace whose /srv is a fresh tmpfs."""
+    require_tools("podman", "runc", "jq", "unshare")
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Revisions: each run commits", 1)[1]
+    script = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    base = scratch_dir("ao-rm-")
+    base.chmod(0o755)
+    podman = Podman(base / "p")
+    try:
+        podman.setup()
+        podman.install_hook(hook_bin, base / "hook.log", allow_dir=Path("/srv/revisions"))
+        build_oci_image(base / "img", "bb", build_rootfs(base / "rootfs"))
+        podman.load(f"oci:{base / 'img'}:bb", "localhost/readme-bb")
+        env = podman.env() | {"IMAGE": "localhost/readme-bb"}
+        in_namespace = 'mount -t tmpfs tmpfs /srv && exec bash -e -c "$0"'
+        proc = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", in_namespace,
+                    script], env=env, check=False)  # fmt: skip
+        diag = (
+            f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n{read_log(base / 'hook.log')}"
+        )
+    finally:
+        podman.teardown()
+        remove_tree(base)
+    assert proc.returncode == 0, diag
+    lines = proc.stdout.splitlines()
+    assert lines[-4:] == ["hello", "run 1", "run 2", "run 3"], diag
+    comments = [
+        line for line in lines if re.fullmatch(r"container [0-9a-f]{64} archive data", line)
+    ]
+    assert len(comments) == 3 and len(lines) == 7, diag
