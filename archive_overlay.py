@@ -5,7 +5,7 @@ this hook with the container's OCI state JSON on stdin.  The hook reads the
 bundle's config.json, finds the overlay mounts named by annotations
 ``com.launchplatform.oci-hooks.archive-overlay.<NAME>.<arg>``, and archives
 each mount's upperdir (the container's changes) to a path on the host, as a
-directory copy or a tar stream.
+directory copy, a tar stream, or a tagged revision of an OCI image layout.
 
 The module reads top to bottom: inputs (state, config, annotations), finding
 upperdirs, walking an upperdir, the destination (safe and atomic), the
@@ -319,6 +319,8 @@ def is_complete(archive: Archive) -> bool:
             known=",".join(ARCHIVE_METHODS),
         )
         return False
+    if archive.method not in IMAGE_METHODS and (archive.image_tag or archive.image_base):
+        log.warning("image-tag and image-base ignored: only for oci-image", archive=archive.name)
     level, compressor = archive.compression_level, archive.compressor
     if level is not None and (compressor is None or level not in COMPRESSION_LEVELS[compressor]):
         log.warning(
@@ -1457,7 +1459,7 @@ class Layout:
         except FileNotFoundError:
             return None
         with open(fd, "rb") as f:
-            return f.read(MAX_JSON_BLOB + 1)
+            return f.read()
 
     def ensure_layout(self) -> None:
         """An empty (or new) directory becomes an empty layout; any other must be one."""
