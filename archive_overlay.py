@@ -1463,10 +1463,11 @@ class Layout:
 
     def ensure_layout(self) -> None:
         """An empty (or new) directory becomes an empty layout; any other must be one."""
-        if self.read_file(LAYOUT_FILE) is None and self.is_empty():
+        if self.read_file(INDEX_FILE) is None and self.is_empty():
             with self.locked():
-                if self.read_file(LAYOUT_FILE) is None and self.is_empty():
-                    self.write(LAYOUT_FILE, {"imageLayoutVersion": "1.0.0"})
+                if self.read_file(INDEX_FILE) is None and self.is_empty():
+                    if self.read_file(LAYOUT_FILE) is None:
+                        self.write(LAYOUT_FILE, {"imageLayoutVersion": "1.0.0"})
                     self.write(INDEX_FILE, {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
                                             "manifests": []})  # fmt: skip
         version = self.load(LAYOUT_FILE, "its oci-layout file")
@@ -1475,8 +1476,9 @@ class Layout:
         self.read_index()
 
     def is_empty(self) -> bool:
-        """Nothing but what a first commit may have left: the lock, blobs, temporaries."""
-        return all(n in (LOCK_FILE, "blobs") or TMP_MARK in n for n in os.listdir(self.fd))
+        """Nothing but what a first commit may have left: lock, blobs, oci-layout, temporaries."""
+        made = (LOCK_FILE, "blobs", LAYOUT_FILE)
+        return all(n in made or TMP_MARK in n for n in os.listdir(self.fd))
 
     def not_a_layout(self, why: str) -> ArchiveError:
         return ArchiveError(f"archive-to {self.path} is not an OCI image layout: {why}")

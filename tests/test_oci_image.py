@@ -386,6 +386,26 @@ def test_sigkill_leaves_the_old_or_the_whole_new_revision(hook_bin, make_overlay
     assert tagged(index, "data") == [written_manifest(after)]
 
 
+@pytest.mark.parametrize("when", [1, 2], ids=["before-oci-layout", "before-index.json"])
+def test_sigkill_while_creating_the_layout(hook_bin, make_overlay, tmp_path, when):
+    """Killed before renaming oci-layout, or index.json, into a new layout: the next run
+    makes the layout and commits."""
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    state = image_state(tmp_path, ovl, {"data": image_args(layout)})
+    proc = subprocess.run(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=renameat", "-e",
+         f"inject=renameat:signal=KILL:when={when}", str(hook_bin)],
+        input=state.encode(), capture_output=True, env={}, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode in (-9, 137), (proc.returncode, proc.stderr.decode())
+    assert not (layout / "index.json").exists()
+    assert (layout / "oci-layout").exists() == (when == 2)
+    after = hook(hook_bin, state)
+    assert after.returncode == 0, after.log
+    assert tagged(check_layout(layout), "data") == [written_manifest(after)]
+
+
 # --- bad input: one error line, the layout unchanged -----------------------------------------
 
 
