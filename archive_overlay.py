@@ -1423,10 +1423,10 @@ class Base:
 class Layout:
     """An OCI image layout directory, held open: its blobs, its index and its lock."""
 
-    def __init__(self, path: str, allow_dirs: tuple[str, ...]) -> None:
+    def __init__(self, path: str, allow_dirs: tuple[str, ...], create: bool) -> None:
         self.path = check_allowed(path, allow_dirs, "archive-to")
         try:
-            self.fd = open_dir_nofollow(self.path, create=True)
+            self.fd = open_dir_nofollow(self.path, create=create)
         except OSError as exc:
             raise ArchiveError(f"cannot open the image layout: {describe(exc)}") from None
         self.blobs_fd: int | None = None
@@ -1461,9 +1461,11 @@ class Layout:
         with open(fd, "rb") as f:
             return f.read()
 
-    def ensure_layout(self) -> None:
+    def ensure_layout(self, create: bool) -> None:
         """An empty (or new) directory becomes an empty layout; any other must be one."""
         if self.read_file(INDEX_FILE) is None and self.is_empty():
+            if not create:
+                raise self.not_a_layout("it is empty")
             with self.locked():
                 if self.read_file(INDEX_FILE) is None and self.is_empty():
                     if self.read_file(LAYOUT_FILE) is None:
@@ -1500,8 +1502,8 @@ class Layout:
         manifests = index.get("manifests")
         if index.get("schemaVersion") != 2 or not isinstance(manifests, list):
             raise self.not_a_layout("index.json is not an image index (schemaVersion 2)")
-        if not all(isinstance(d, dict) and isinstance(d.get("digest"), str) for d in manifests):
-            raise self.not_a_layout("index.json has a descriptor without a digest")
+        if not all(is_descriptor(d) for d in manifests):
+            raise self.not_a_layout("index.json holds a malformed descriptor")
         return index
 
     def write(self, name: str, value: dict) -> None:
@@ -1573,6 +1575,14 @@ class Layout:
         finally:
             os.close(fd)
         return stats
+
+
+def is_descriptor(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("digest"), str)
+        and isinstance(value.get("annotations", {}), dict)
+    )
 
 
 def canonical_json(value: dict) -> bytes:
@@ -1698,9 +1708,10 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
         raise ArchiveError(f"method {archive.method} needs an image-tag")
     if not is_ref_name(archive.image_tag):
         raise ArchiveError(f"image-tag {archive.image_tag!r} is not a valid ref name")
-    layout = Layout(archive.archive_to, allow_dirs)
+    create = not archive.image_base  # a named base must be there already: nothing made
+    layout = Layout(archive.archive_to, allow_dirs, create)
     try:
-        layout.ensure_layout()
+        layout.ensure_layout(create)
         base = find_base(layout, layout.read_index(), archive)  # all checked before writing
         stats = layout.put_layer(archive, upper)
         assert stats.descriptor is not None

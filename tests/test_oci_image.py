@@ -450,6 +450,10 @@ BAD_LAYOUTS = {
                        "index.json is not valid JSON"),
     "index-not-an-index": (lambda layout: (layout / "index.json").write_text("[]"),
                            "index.json is not a JSON object"),
+    "index-bad-annotations": (
+        lambda layout: (layout / "index.json").write_text(
+            '{"schemaVersion": 2, "manifests": [{"digest": "sha256:0", "annotations": []}]}'),
+        "index.json holds a malformed descriptor"),
     "base-config-not-an-image-config": (lambda layout: rewrite_base_config(layout, not_a_config),
                                         "not an image config"),
     "base-config-without-rootfs": (lambda layout: rewrite_base_config(layout, no_rootfs),
@@ -471,6 +475,18 @@ def test_bad_layout_fails_with_one_line_and_is_left_alone(hook_bin, make_overlay
     assert len(errors) == 1 and words in errors[0] and str(layout) in errors[0], run.log
     assert "archive=data" in errors[0] and "Traceback" not in run.log
     assert tree(layout) == before
+
+
+def test_named_base_in_a_layout_not_there_makes_nothing(hook_bin, make_overlay, tmp_path):
+    ovl = small_tree(make_overlay())
+    archives = {"absent": image_args(tmp_path / "absent", image_base="data"),
+                "empty": image_args(tmp_path / "empty", image_base="data")}  # fmt: skip
+    (tmp_path / "empty").mkdir()
+    run = hook(hook_bin, image_state(tmp_path, ovl, archives))
+    assert run.returncode == 1, run.log
+    assert "No such file or directory" in run.error_for("absent")
+    assert "is not an OCI image layout: it is empty" in run.error_for("empty")
+    assert not (tmp_path / "absent").exists() and list((tmp_path / "empty").iterdir()) == []
 
 
 @pytest.mark.parametrize("base", ["missing", "sha256:" + "0" * 64, "bad base"])
