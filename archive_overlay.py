@@ -5,7 +5,8 @@ this hook with the container's OCI state JSON on stdin.  The hook reads the
 bundle's config.json, finds the overlay mounts named by annotations
 ``com.launchplatform.oci-hooks.archive-overlay.<NAME>.<arg>``, and archives
 each mount's upperdir (the container's changes; for mount-point /, its root
-filesystem's) to a path on the host, as a directory copy or a tar stream.
+filesystem's) to a path on the host, as a directory copy, a tar stream, or a
+tagged revision of an OCI image layout.
 
 The module reads top to bottom: inputs (state, config, annotations), finding
 upperdirs, walking an upperdir, the destination (safe and atomic), the
@@ -24,6 +25,7 @@ import json
 import os
 import posixpath
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -45,7 +47,7 @@ __version__ = "3.0.0"
 ANNOTATION_PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
 ARGS = (
     "mount-point", "archive-to", "success", "method", "tar-content-owner", "compression-level",
-    "exclude",
+    "exclude", "image-tag", "image-base",
 )  # fmt: skip
 DEFAULT_MOUNT_PROGRAM = "/usr/bin/fuse-overlayfs"
 
@@ -230,7 +232,11 @@ def merged_annotations(state: dict, config: dict) -> dict[str, str]:
     return annotations
 
 
-ARCHIVE_METHODS = ("copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+zstd")
+ARCHIVE_METHODS = (
+    "copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+zstd", "oci-image",
+    "oci-image+zstd",
+)  # fmt: skip
+IMAGE_METHODS = ("oci-image", "oci-image+zstd")
 COMPRESSION_LEVELS = {"gzip": range(4), "zstd": range(1, 23)}
 
 
@@ -246,12 +252,14 @@ class Archive:
     owner: tuple[int, int] | None = None
     compression_level: int | None = None
     exclude: str = ""  # absolute paths in the mount, ':' or ',' separated
+    image_tag: str = ""
+    image_base: str = ""
 
     @property
     def compressor(self) -> str | None:
-        if self.method in ("tar.gz", "oci-layer"):
+        if self.method in ("tar.gz", "oci-layer", "oci-image"):
             return "gzip"
-        if self.method in ("tar.zst", "oci-layer+zstd"):
+        if self.method in ("tar.zst", "oci-layer+zstd", "oci-image+zstd"):
             return "zstd"
         return None
 
@@ -309,6 +317,10 @@ def apply_arg(archive: Archive, arg: str, value: str) -> None:
             archive.compression_level = int(value)
         except ValueError:
             log.warning("invalid compression-level ignored", archive=archive.name, value=value)
+    elif arg == "image-tag":
+        archive.image_tag = value
+    elif arg == "image-base":
+        archive.image_base = value
 
 
 def parse_archives(annotations: dict[str, str]) -> list[Archive]:
@@ -341,6 +353,8 @@ def is_complete(archive: Archive) -> bool:
             known=",".join(ARCHIVE_METHODS),
         )
         return False
+    if archive.method not in IMAGE_METHODS and (archive.image_tag or archive.image_base):
+        log.warning("image-tag and image-base ignored: only for oci-image", archive=archive.name)
     level, compressor = archive.compression_level, archive.compressor
     if level is not None and (compressor is None or level not in COMPRESSION_LEVELS[compressor]):
         log.warning(
@@ -351,6 +365,71 @@ def is_complete(archive: Archive) -> bool:
         )
         archive.compression_level = None
     return True
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What every archive of one run shares: the container's id and the run's time."""
+
+    container_id: str | None
+    when: time.struct_time  # UTC
+
+    @property
+    def stamp(self) -> str:
+        """{time} in a path: 20261127T093015Z."""
+        return time.strftime("%Y%m%dT%H%M%SZ", self.when)
+
+    @property
+    def created(self) -> str:
+        """The time in image-spec's RFC 3339 form: 2026-11-27T09:30:15Z."""
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", self.when)
+
+
+PLACEHOLDERS = "(known: {id} {name} {time}; {{ and }} for literal braces)"
+
+
+def expand(template: str, values: dict[str, str | None], what: str) -> str:
+    """{id}, {name}, {time} replaced; {{ and }} are literal braces; anything else fails."""
+    if "{" not in template and "}" not in template:
+        return template  # as before placeholders existed
+    out, i = [], 0
+    while i < len(template):
+        c = template[i]
+        if c in "{}" and template[i + 1 : i + 2] == c:
+            out.append(c)
+            i += 2
+            continue
+        if c == "}":
+            raise ArchiveError(f"{what} {template!r}: a lone }} (write }}}} for a brace)")
+        if c != "{":
+            out.append(c)
+            i += 1
+            continue
+        end = template.find("}", i)
+        key = template[i + 1 : end] if end > 0 else ""
+        if end < 0 or key not in values:
+            shown = template[i : end + 1] if end > 0 else template[i:]
+            raise ArchiveError(f"{what} {template!r}: unknown placeholder {shown} {PLACEHOLDERS}")
+        value = values[key]
+        if value is None:
+            raise ArchiveError(
+                f"{what} {template!r}: the {key} is missing, or is not one path component"
+            )
+        out.append(value)
+        i = end + 1
+    return "".join(out)
+
+
+def expand_placeholders(archive: Archive, info: RunInfo) -> None:
+    """archive-to, success and image-tag with the run's values put in."""
+    values = {"id": info.container_id, "name": archive.name, "time": info.stamp}
+    for key in ("id", "name"):  # one path component each: never a way up or down
+        value = values[key]
+        if value is not None and ("/" in value or "\0" in value or value in ("", ".", "..")):
+            values[key] = None
+    archive.archive_to = expand(archive.archive_to, values, "archive-to")
+    archive.success = expand(archive.success, values, "success")
+    archive.image_tag = expand(archive.image_tag, values, "image-tag")
 
 
 # ---------------------------------------------------------------------------
@@ -1846,23 +1925,374 @@ def layer_descriptor(sink: TarSink, compressor: str) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Writer: oci-image.  archive-to is an OCI image layout (image-spec
+# image-layout.md); the layer, exactly as oci-layer writes it, becomes a new
+# revision: a config and a manifest on top of a base revision, then index.json,
+# rewritten under an fcntl lock on index.lock, names it image-tag.
+# ---------------------------------------------------------------------------
+
+MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
+INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+LAYOUT_FILE, INDEX_FILE, LOCK_FILE = "oci-layout", "index.json", "index.lock"
+MAX_JSON_BLOB = 4 << 20  # image-spec: registries may refuse manifests over 4 MiB
+# image-spec annotations.md: ref ::= component ("/" component)*, component ::=
+# alphanum (separator alphanum)*, alphanum ::= [A-Za-z0-9]+, separator ::= [-._:@+] | "--"
+REF_NAME_RE = re.compile(r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*")
+DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
+GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
+          "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}  # fmt: skip
+
+
+def is_ref_name(value: str) -> bool:
+    return all(REF_NAME_RE.fullmatch(c) for c in value.split("/"))
+
+
+@dataclass
+class Base:
+    """The revision a new one goes on top of; None fields for a first revision."""
+
+    manifest: dict
+    config: dict
+    digest: str | None = None
+    name: str | None = None
+
+
+class Layout:
+    """An OCI image layout directory, held open: its blobs, its index and its lock."""
+
+    def __init__(self, path: str, allow_dirs: tuple[str, ...], create: bool) -> None:
+        self.path = check_allowed(path, allow_dirs, "archive-to")
+        try:
+            self.fd = open_dir_nofollow(self.path, create=create)
+        except OSError as exc:
+            raise ArchiveError(f"cannot open the image layout: {describe(exc)}") from None
+        self.blobs_fd: int | None = None
+        self.shown_blobs = posixpath.join(self.path, "blobs", "sha256")
+
+    def close(self) -> None:
+        for fd in (self.blobs_fd, self.fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """An exclusive fcntl (POSIX record) lock on index.lock, as podman's stores take."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(LOCK_FILE, flags, 0o644, dir_fd=self.fd)
+        except OSError as exc:
+            exc.filename = posixpath.join(self.path, LOCK_FILE)
+            raise ArchiveError(f"cannot open the layout's lock: {describe(exc)}") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    def read_file(self, name: str) -> bytes | None:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+        with open(fd, "rb") as f:
+            return f.read()
+
+    def ensure_layout(self, create: bool) -> None:
+        """An empty (or new) directory becomes an empty layout; any other must be one."""
+        if self.read_file(INDEX_FILE) is None and self.is_empty():
+            if not create:
+                raise self.not_a_layout("it is empty")
+            with self.locked():
+                if self.read_file(INDEX_FILE) is None and self.is_empty():
+                    if self.read_file(LAYOUT_FILE) is None:
+                        self.write(LAYOUT_FILE, {"imageLayoutVersion": "1.0.0"})
+                    self.write(INDEX_FILE, {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
+                                            "manifests": []})  # fmt: skip
+        version = self.load(LAYOUT_FILE, "its oci-layout file")
+        if not str(version.get("imageLayoutVersion", "")).startswith("1."):
+            raise self.not_a_layout("oci-layout has no imageLayoutVersion 1.x")
+        self.read_index()
+
+    def is_empty(self) -> bool:
+        """Nothing but what a first commit may have left: lock, blobs, oci-layout, temporaries."""
+        made = (LOCK_FILE, "blobs", LAYOUT_FILE)
+        return all(n in made or TMP_MARK in n for n in os.listdir(self.fd))
+
+    def not_a_layout(self, why: str) -> ArchiveError:
+        return ArchiveError(f"archive-to {self.path} is not an OCI image layout: {why}")
+
+    def load(self, name: str, what: str) -> dict:
+        data = self.read_file(name)
+        if data is None:
+            raise self.not_a_layout(f"no {name}")
+        try:
+            value = json.loads(data)
+        except (ValueError, RecursionError):
+            raise self.not_a_layout(f"{what} is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise self.not_a_layout(f"{what} is not a JSON object")
+        return value
+
+    def read_index(self) -> dict:
+        index = self.load(INDEX_FILE, INDEX_FILE)
+        manifests = index.get("manifests")
+        if index.get("schemaVersion") != 2 or not isinstance(manifests, list):
+            raise self.not_a_layout("index.json is not an image index (schemaVersion 2)")
+        if not all(is_descriptor(d) for d in manifests):
+            raise self.not_a_layout("index.json holds a malformed descriptor")
+        return index
+
+    def write(self, name: str, value: dict) -> None:
+        write_file_at(self.fd, name, canonical_json(value), self.path)
+
+    def open_blobs(self) -> int:
+        if self.blobs_fd is None:
+            try:
+                self.blobs_fd = open_dir_nofollow(self.shown_blobs, create=True)
+            except OSError as exc:
+                raise ArchiveError(f"cannot open the layout's blobs: {describe(exc)}") from None
+            remove_stale_blob_temporaries(self.blobs_fd, self.shown_blobs)
+        return self.blobs_fd
+
+    def read_blob(self, digest: str, what: str) -> dict:
+        """A JSON blob, checked against its digest."""
+        if not DIGEST_RE.fullmatch(digest):
+            raise ArchiveError(f"{what} {digest!r} is not a sha256 digest")
+        name = digest.removeprefix("sha256:")
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self.open_blobs())  # fmt: skip
+        except FileNotFoundError:
+            raise ArchiveError(f"{what} {digest}: no such blob in {self.path}") from None
+        with open(fd, "rb") as f:
+            data = f.read(MAX_JSON_BLOB + 1)
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise ArchiveError(f"{what} {digest}: the blob does not match its digest")
+        try:
+            value = json.loads(data)
+        except (ValueError, RecursionError):
+            value = None
+        if not isinstance(value, dict):
+            raise ArchiveError(f"{what} {digest} is not a JSON object")
+        return value
+
+    def put_json_blob(self, value: dict, media_type: str) -> dict:
+        """A JSON blob written (or found already there) under its digest: its descriptor."""
+        data = canonical_json(value)
+        digest = hashlib.sha256(data).hexdigest()
+        blobs_fd = self.open_blobs()
+        old = lstat_at(blobs_fd, digest)
+        if old is None or not stat.S_ISREG(old.st_mode) or old.st_size != len(data):
+            write_file_at(blobs_fd, digest, data, self.shown_blobs)
+        return {"mediaType": media_type, "digest": "sha256:" + digest, "size": len(data)}
+
+    def put_layer(self, archive: Archive, entries: Iterable[Entry], upper: Upper,
+                  stats: Stats) -> None:  # fmt: skip
+        """The layer as oci-layer writes it, through a locked temporary, kept under its digest."""
+        blobs_fd = self.open_blobs()
+        tmp = temp_name("blob")
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o644, dir_fd=blobs_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a live temporary: see is_stale
+            write_tar(oci_entries(entries, upper, archive.name), fd, archive, stats, layer=True)
+            stats.current = None
+            os.fsync(fd)
+            assert stats.descriptor is not None
+            name = stats.descriptor["digest"].removeprefix("sha256:")
+            old = lstat_at(blobs_fd, name)
+            if old is not None and stat.S_ISREG(old.st_mode) and old.st_size == stats.archive_bytes:
+                os.unlink(tmp, dir_fd=blobs_fd)  # the same layer is there already
+            else:
+                os.rename(tmp, name, src_dir_fd=blobs_fd, dst_dir_fd=blobs_fd)
+            os.fsync(blobs_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=blobs_fd)
+            raise
+        finally:
+            os.close(fd)
+
+
+def is_descriptor(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("digest"), str)
+        and isinstance(value.get("annotations", {}), dict)
+    )
+
+
+def canonical_json(value: dict) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def remove_stale_blob_temporaries(blobs_fd: int, shown_dir: str) -> None:
+    """Temporaries in blobs/sha256 left by runs killed mid-write."""
+    for entry in os.listdir(blobs_fd):
+        head, mark, suffix = entry.partition(TMP_MARK)
+        if mark and head.startswith(".") and is_stale(blobs_fd, entry, suffix):
+            log.info("removing a stale temporary", path=posixpath.join(shown_dir, entry))
+            with contextlib.suppress(OSError):
+                os.unlink(entry, dir_fd=blobs_fd)
+
+
+def find_base(layout: Layout, index: dict, archive: Archive) -> Base | None:
+    """image-base (a ref name or a manifest digest), else what image-tag names now."""
+    wanted = archive.image_base or archive.image_tag
+    if DIGEST_RE.fullmatch(wanted):
+        digest, name = wanted, None
+    elif archive.image_base and not is_ref_name(wanted):
+        raise ArchiveError(f"image-base {wanted!r} is neither a ref name nor a sha256 digest")
+    else:
+        named = [d for d in index["manifests"] if d.get("annotations", {}).get(REF_NAME) == wanted]
+        if not named:
+            if archive.image_base:
+                raise ArchiveError(f"image-base {wanted!r} is not in {layout.path}/index.json")
+            return None  # a first revision
+        if named[-1].get("mediaType", MANIFEST_MEDIA_TYPE) != MANIFEST_MEDIA_TYPE:
+            raise ArchiveError(f"{wanted!r} in {layout.path} is not an image manifest")
+        digest, name = named[-1]["digest"], wanted
+    manifest = layout.read_blob(digest, "base manifest")
+    check_manifest(manifest, digest)
+    config = layout.read_blob(manifest["config"]["digest"], "base config")
+    check_config(config, len(manifest["layers"]), manifest["config"]["digest"])
+    return Base(manifest, config, digest, name)
+
+
+def check_manifest(manifest: dict, digest: str) -> None:
+    config, layers = manifest.get("config"), manifest.get("layers")
+    if (
+        manifest.get("schemaVersion") != 2
+        or manifest.get("mediaType", MANIFEST_MEDIA_TYPE) != MANIFEST_MEDIA_TYPE
+        or not isinstance(config, dict)
+        or not isinstance(config.get("digest"), str)
+        or not isinstance(layers, list)
+    ):
+        raise ArchiveError(f"base {digest} is not an OCI image manifest")
+    if config.get("mediaType") != CONFIG_MEDIA_TYPE:
+        raise ArchiveError(
+            f"base {digest}: its config is {config.get('mediaType')!r}, not an image config"
+        )
+
+
+def check_config(config: dict, layers: int, digest: str) -> None:
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if (
+        not isinstance(rootfs, dict)
+        or rootfs.get("type") != "layers"
+        or not isinstance(diff_ids, list)
+        or len(diff_ids) != layers
+        or not isinstance(config.get("history", []), list)
+    ):
+        raise ArchiveError(
+            f"base config {digest} is not an image config (rootfs.diff_ids, one per layer)"
+        )
+
+
+def first_config() -> dict:
+    """The config of a revision with no base: this host's platform, no layers yet."""
+    machine = os.uname().machine
+    return {"architecture": GOARCH.get(machine, machine), "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": []}, "history": []}  # fmt: skip
+
+
+def new_config(base: Base | None, layer: dict, archive: Archive, info: RunInfo) -> dict:
+    config = json.loads(json.dumps(base.config)) if base is not None else first_config()
+    config["created"] = info.created
+    config["rootfs"]["diff_ids"].append(layer["diff_id"])
+    comment = f"container {info.container_id} archive {archive.name}"
+    config.setdefault("history", []).append(
+        {
+            "created": info.created,
+            "created_by": f"archive_overlay {__version__}",
+            "comment": comment,
+        }
+    )
+    return config
+
+
+def new_manifest(base: Base | None, layer: dict, config: dict, info: RunInfo) -> dict:
+    layers = list(base.manifest["layers"]) if base is not None else []
+    layers.append({k: layer[k] for k in ("mediaType", "digest", "size")})
+    annotations = {"org.opencontainers.image.created": info.created}
+    if base is not None:
+        annotations["org.opencontainers.image.base.digest"] = base.digest
+        if base.name is not None:
+            annotations["org.opencontainers.image.base.name"] = base.name
+    return {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE, "config": config,
+            "layers": layers, "annotations": annotations}  # fmt: skip
+
+
+def tag_revision(layout: Layout, manifest: dict, tag: str) -> None:
+    """index.json with the new manifest named `tag`; its former holder kept, unnamed."""
+    with layout.locked():
+        index = layout.read_index()
+        for descriptor in index["manifests"]:
+            annotations = descriptor.get("annotations")
+            if isinstance(annotations, dict) and annotations.get(REF_NAME) == tag:
+                del annotations[REF_NAME]
+                if not annotations:
+                    del descriptor["annotations"]
+        index["manifests"].append({**manifest, "annotations": {REF_NAME: tag}})
+        layout.write(INDEX_FILE, index)
+
+
+def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
+                   info: RunInfo, excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
+    """Layer, config, manifest, each fsync'd under its digest; only then index.json."""
+    if not archive.image_tag:
+        raise ArchiveError(f"method {archive.method} needs an image-tag")
+    if not is_ref_name(archive.image_tag):
+        raise ArchiveError(f"image-tag {archive.image_tag!r} is not a valid ref name")
+    create = not archive.image_base  # a named base must be there already: nothing made
+    layout = Layout(archive.archive_to, allow_dirs, create)
+    stats = Stats()
+    try:
+        layout.ensure_layout(create)
+        base = find_base(layout, layout.read_index(), archive)  # all checked before writing
+        layout.put_layer(archive, excluding(walk(upper), excluded), upper, stats)
+        assert stats.descriptor is not None
+        config = new_config(base, stats.descriptor, archive, info)
+        config_descriptor = layout.put_json_blob(config, CONFIG_MEDIA_TYPE)
+        manifest = new_manifest(base, stats.descriptor, config_descriptor, info)
+        stats.descriptor = layout.put_json_blob(manifest, MANIFEST_MEDIA_TYPE)
+        tag_revision(layout, stats.descriptor, archive.image_tag)
+    except OSError as exc:
+        if stats.current is not None:
+            raise ArchiveError(failure(exc, upper, layout.path, stats)) from None
+        raise ArchiveError(f"image layout {layout.path}: {describe(exc)}") from None
+    finally:
+        layout.close()
+    return stats
+
+
+# ---------------------------------------------------------------------------
 # The command.
 # ---------------------------------------------------------------------------
 
 
-def archive_one(archive: Archive, config: dict, bundle: str, opts: Options) -> None:
+def archive_one(archive: Archive, config: dict, bundle: str, opts: Options,
+                info: RunInfo) -> None:  # fmt: skip
     started = time.monotonic()
+    expand_placeholders(archive, info)
     excluded = parse_exclude(archive.exclude)
     upper = locate_upper(archive.mount_point, config, bundle, opts.mount_program)
     if archive.success:
         check_allowed(archive.success, opts.allow_dirs, "success")
-    dest = Destination(archive.archive_to, opts.allow_dirs, archive.name)
-    try:
-        for name in (dest.name, dest.name + ".json"):
-            remove_stale_temporaries(dest.dir_fd, name, dest.parent)
-        stats = write_archive(archive, upper, dest, excluded)
-    finally:
-        dest.close()
+    if archive.method in IMAGE_METHODS:
+        stats = write_revision(archive, upper, opts.allow_dirs, info, excluded)
+    else:
+        dest = Destination(archive.archive_to, opts.allow_dirs, archive.name)
+        try:
+            for name in (dest.name, dest.name + ".json"):
+                remove_stale_temporaries(dest.dir_fd, name, dest.parent)
+            stats = write_archive(archive, upper, dest, excluded)
+        finally:
+            dest.close()
     if archive.success:
         write_success(archive.success, opts.allow_dirs)
     log.info(
@@ -1876,8 +2306,16 @@ def archive_one(archive: Archive, config: dict, bundle: str, opts: Options) -> N
         bytes=stats.bytes,
         **({"archive_bytes": stats.archive_bytes} if archive.method != "copy" else {}),
         **({"xattrs_not_kept": stats.xattrs_not_kept} if stats.xattrs_not_kept else {}),
+        **revision_fields(archive, stats),
         seconds=round(time.monotonic() - started, 3),
     )
+
+
+def revision_fields(archive: Archive, stats: Stats) -> dict[str, str]:
+    """oci-image: the new revision's manifest digest and its tag, for the log."""
+    if archive.method not in IMAGE_METHODS or stats.descriptor is None:
+        return {}
+    return {"manifest": stats.descriptor["digest"], "image_tag": archive.image_tag}
 
 
 def write_archive(archive: Archive, upper: Upper, dest: Destination,
@@ -1895,7 +2333,7 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination,
                 companions = ((write_temp_file(dest.dir_fd, json_name, data), json_name),)
             dest.commit(is_dir, companions)
         except OSError as exc:
-            raise ArchiveError(failure(exc, upper, dest, stats)) from None
+            raise ArchiveError(failure(exc, upper, dest.path, stats)) from None
     except BaseException:
         dest.discard_temp()
         for tmp, _ in companions:
@@ -1924,12 +2362,12 @@ def write_temporary(archive: Archive, upper: Upper, dest: Destination, stats: St
     os.fsync(fd)
 
 
-def failure(exc: OSError, upper: Upper, dest: Destination, stats: Stats) -> str:
+def failure(exc: OSError, upper: Upper, target: str, stats: Stats) -> str:
     """What failed, naming the entry being archived when there was one."""
     if stats.current is None:
-        return f"cannot write {dest.path}: {exc.strerror or exc}"
+        return f"cannot write {target}: {exc.strerror or exc}"
     entry = upper.path if stats.current == b"." else f"{upper.path}/{os.fsdecode(stats.current)}"
-    return f"cannot archive {entry} into {dest.path}: {exc.strerror or exc}"
+    return f"cannot archive {entry} into {target}: {exc.strerror or exc}"
 
 
 @dataclass
@@ -1949,10 +2387,12 @@ def run(stdin: bytes, opts: Options) -> int:
     if not archives:
         log.info("no archive asked for", container=state.get("id"))
         return EXIT_OK
+    container_id = state.get("id")
+    info = RunInfo(container_id if isinstance(container_id, str) else None, time.gmtime())
     failed = 0
     for archive in archives:  # every archive is attempted, whatever the others did
         try:
-            archive_one(archive, config, state["bundle"], opts)
+            archive_one(archive, config, state["bundle"], opts, info)
         except Exception as exc:  # noqa: BLE001 - one failure must not stop the others
             failed += 1
             log.error(
@@ -1979,12 +2419,19 @@ named by annotations {ANNOTATION_PREFIX}<NAME>.<arg>:
   archive-to         (required) absolute host path to write the archive to
   success            file created (empty) once the archive is complete
   method             copy (default, a directory) | tar | tar.gz | tar.zst |
-                     oci-layer | oci-layer+zstd (an OCI image layer + <archive-to>.json)
+                     oci-layer | oci-layer+zstd (an OCI image layer + <archive-to>.json) |
+                     oci-image | oci-image+zstd (a tagged revision in the OCI image
+                     layout archive-to)
   tar-content-owner  UID or UID:GID written as the owner of every tar entry
   compression-level  gzip: 0-3 (default 2), zstd: 1-22 (default 3)
   exclude            absolute paths in the mount, ':' or ',' separated, left out
+  image-tag          oci-image: the ref name the new revision gets (required)
+  image-base         oci-image: the revision it goes on, a ref name or sha256
+                     digest (default: what image-tag names now)
 \b
 mount-point / means the container's root filesystem (config.json root.path).
+archive-to, success and image-tag may hold {{id}} (the container's id), {{name}}
+(the archive's NAME), {{time}} (UTC, e.g. 20261127T093015Z); {{{{ and }}}} are braces.
 \b
 Exit status: 0 all archives written (or none asked for), 1 an archive failed,
 2 unusable input.
