@@ -4,8 +4,9 @@ When a container stops, the runtime (runc, crun) or the engine (podman) runs
 this hook with the container's OCI state JSON on stdin.  The hook reads the
 bundle's config.json, finds the overlay mounts named by annotations
 ``com.launchplatform.oci-hooks.archive-overlay.<NAME>.<arg>``, and archives
-each mount's upperdir (the container's changes) to a path on the host, as a
-directory copy or a tar stream.
+each mount's upperdir (the container's changes; for mount-point /, its root
+filesystem's) to a path on the host, as a directory copy, a tar stream, or a
+tagged revision of an OCI image layout.
 
 The module reads top to bottom: inputs (state, config, annotations), finding
 upperdirs, walking an upperdir, the destination (safe and atomic), the
@@ -24,6 +25,7 @@ import json
 import os
 import posixpath
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -43,7 +45,10 @@ import structlog
 __version__ = "3.0.0"
 
 ANNOTATION_PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
-ARGS = ("mount-point", "archive-to", "success", "method", "tar-content-owner", "compression-level")
+ARGS = (
+    "mount-point", "archive-to", "success", "method", "tar-content-owner", "compression-level",
+    "exclude", "image-tag", "image-base",
+)  # fmt: skip
 DEFAULT_MOUNT_PROGRAM = "/usr/bin/fuse-overlayfs"
 
 EXIT_OK, EXIT_ARCHIVE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -153,11 +158,22 @@ def is_socket(path: str) -> bool:
 
 
 def describe(exc: BaseException) -> str:
-    """A one-line cause for a log record, without a traceback."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f": {os.fsdecode(exc.filename)}" if exc.filename is not None else ""
-        return f"{exc.strerror}{where}"
-    return str(exc) or type(exc).__name__
+    """A one-line cause for a log record, without a traceback; never raises."""
+    try:
+        if isinstance(exc, OSError) and exc.strerror:
+            names = [shown_name(n) for n in (exc.filename, exc.filename2) if n is not None]
+            return ": ".join([exc.strerror, *[n for n in names if n]])
+        return str(exc) or type(exc).__name__
+    except Exception:  # noqa: BLE001 - a message must never become a traceback
+        return type(exc).__name__
+
+
+def shown_name(name: object) -> str:
+    """A path an OSError carries, as a log can show it: never an fd or a /proc/self/fd path."""
+    if isinstance(name, (str, bytes)):
+        text = os.fsdecode(name)
+        return "" if text.startswith("/proc/self/fd/") else text
+    return ""
 
 
 # ---------------------------------------------------------------------------
@@ -217,7 +233,11 @@ def merged_annotations(state: dict, config: dict) -> dict[str, str]:
     return annotations
 
 
-ARCHIVE_METHODS = ("copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+zstd")
+ARCHIVE_METHODS = (
+    "copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+zstd", "oci-image",
+    "oci-image+zstd",
+)  # fmt: skip
+IMAGE_METHODS = ("oci-image", "oci-image+zstd")
 COMPRESSION_LEVELS = {"gzip": range(4), "zstd": range(1, 23)}
 
 
@@ -232,14 +252,17 @@ class Archive:
     method: str = "copy"
     owner: tuple[int, int] | None = None
     compression_level: int | None = None
+    exclude: str = ""  # absolute paths in the mount, ':' or ',' separated
+    image_tag: str = ""
+    image_base: str = ""
     # Annotations that cannot be honoured, as (key, why): the archive is not written.
     refused: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def compressor(self) -> str | None:
-        if self.method in ("tar.gz", "oci-layer"):
+        if self.method in ("tar.gz", "oci-layer", "oci-image"):
             return "gzip"
-        if self.method in ("tar.zst", "oci-layer+zstd"):
+        if self.method in ("tar.zst", "oci-layer+zstd", "oci-image+zstd"):
             return "zstd"
         return None
 
@@ -258,6 +281,25 @@ def parse_owner(value: str) -> tuple[int, int] | None:
     return ids[0], ids[1]
 
 
+def parse_exclude(value: str) -> frozenset[bytes]:
+    """exclude's paths, relative to the mount's root as walk() names entries.
+
+    Absolute paths inside the mount separated by ':' (as PATH is) or ','
+    (podman 4.3's --annotation splits a value at commas unless CSV-quoted).
+    """
+    excluded = set()
+    for path in value.replace(",", ":").split(":"):
+        if not path:
+            continue
+        if not path.startswith("/"):
+            raise ArchiveError(f"exclude path {path!r} is not an absolute path")
+        rel = posixpath.normpath(path).lstrip("/")
+        if not rel:
+            raise ArchiveError("exclude path / would leave nothing to archive")
+        excluded.add(os.fsencode(rel))
+    return frozenset(excluded)
+
+
 def apply_arg(archive: Archive, arg: str, value: str) -> str | None:
     """Set one arg of the archive; why its value cannot be honoured, or None."""
     if arg == "mount-point":
@@ -274,10 +316,16 @@ def apply_arg(archive: Archive, arg: str, value: str) -> str | None:
         archive.owner = parse_owner(value)
         if archive.owner is None:
             return f"invalid tar-content-owner {value[:40]!r}: UID or UID:GID, decimal"
+    elif arg == "exclude":
+        archive.exclude = value
     elif arg == "compression-level":
         if not (value.isascii() and value.isdigit() and len(value) <= 2):
             return f"invalid compression-level {value[:40]!r}: an integer"
         archive.compression_level = int(value)
+    elif arg == "image-tag":
+        archive.image_tag = value
+    elif arg == "image-base":
+        archive.image_base = value
     elif arg:
         return f"unknown archive argument {arg[:40]!r} (known: {', '.join(ARGS)})"
     else:
@@ -302,10 +350,14 @@ def parse_archives(annotations: dict[str, str]) -> list[Archive]:
 
 
 def check_archive(archive: Archive) -> None:
-    """What no single annotation shows: a missing required arg, a level for the method."""
+    """What no single annotation shows: a missing required arg, an arg the method lacks."""
     for arg, value in (("mount-point", archive.mount_point), ("archive-to", archive.archive_to)):
         if not value and not archive.refused:  # the first problem is enough to name
             why = f"no {arg}: an archive needs both mount-point and archive-to"
+            archive.refused.append((f"{ANNOTATION_PREFIX}{archive.name}.{arg}", why))
+    for arg, value in (("image-tag", archive.image_tag), ("image-base", archive.image_base)):
+        if value and archive.method in ARCHIVE_METHODS and archive.method not in IMAGE_METHODS:
+            why = f"{arg} is only for oci-image, not method {archive.method}"
             archive.refused.append((f"{ANNOTATION_PREFIX}{archive.name}.{arg}", why))
     why = level_problem(archive)
     if why is not None:
@@ -323,6 +375,71 @@ def level_problem(archive: Archive) -> str | None:
     return f"compression-level {level} out of range for method {archive.method} ({allowed})"
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """What every archive of one run shares: the container's id and the run's time."""
+
+    container_id: str | None
+    when: time.struct_time  # UTC
+
+    @property
+    def stamp(self) -> str:
+        """{time} in a path: 20261127T093015Z."""
+        return time.strftime("%Y%m%dT%H%M%SZ", self.when)
+
+    @property
+    def created(self) -> str:
+        """The time in image-spec's RFC 3339 form: 2026-11-27T09:30:15Z."""
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", self.when)
+
+
+PLACEHOLDERS = "(known: {id} {name} {time}; {{ and }} for literal braces)"
+
+
+def expand(template: str, values: dict[str, str | None], what: str) -> str:
+    """{id}, {name}, {time} replaced; {{ and }} are literal braces; anything else fails."""
+    if "{" not in template and "}" not in template:
+        return template  # as before placeholders existed
+    out, i = [], 0
+    while i < len(template):
+        c = template[i]
+        if c in "{}" and template[i + 1 : i + 2] == c:
+            out.append(c)
+            i += 2
+            continue
+        if c == "}":
+            raise ArchiveError(f"{what} {template!r}: a lone }} (write }}}} for a brace)")
+        if c != "{":
+            out.append(c)
+            i += 1
+            continue
+        end = template.find("}", i)
+        key = template[i + 1 : end] if end > 0 else ""
+        if end < 0 or key not in values:
+            shown = template[i : end + 1] if end > 0 else template[i:]
+            raise ArchiveError(f"{what} {template!r}: unknown placeholder {shown} {PLACEHOLDERS}")
+        value = values[key]
+        if value is None:
+            raise ArchiveError(
+                f"{what} {template!r}: the {key} is missing, or is not one path component"
+            )
+        out.append(value)
+        i = end + 1
+    return "".join(out)
+
+
+def expand_placeholders(archive: Archive, info: RunInfo) -> None:
+    """archive-to, success and image-tag with the run's values put in."""
+    values = {"id": info.container_id, "name": archive.name, "time": info.stamp}
+    for key in ("id", "name"):  # one path component each: never a way up or down
+        value = values[key]
+        if value is not None and ("/" in value or "\0" in value or value in ("", ".", "..")):
+            values[key] = None
+    archive.archive_to = expand(archive.archive_to, values, "archive-to")
+    archive.success = expand(archive.success, values, "success")
+    archive.image_tag = expand(archive.image_tag, values, "image-tag")
+
+
 # ---------------------------------------------------------------------------
 # Finding the upperdir of a mount.
 # ---------------------------------------------------------------------------
@@ -337,6 +454,7 @@ class Upper:
 
     path: str
     marker_prefixes: tuple[str, ...]  # e.g. ("trusted.overlay.",)
+    fuse: bool = False  # fuse-overlayfs: its .wh.* files are markers too
 
     def marker(self, xattr: str) -> str | None:
         """The overlay marker an xattr is ("opaque", "redirect", ...), None for user data.
@@ -376,7 +494,7 @@ def upper_from_options(options: list[str], fuse: bool) -> Upper | None:
         prefixes = ("user.overlay.",)
     else:
         prefixes = ("trusted.overlay.",)
-    return Upper(opts["upperdir"], prefixes)
+    return Upper(opts["upperdir"], prefixes, fuse)
 
 
 def find_mount(mounts: object, mount_point: str) -> dict:
@@ -472,25 +590,103 @@ def find_upper(mount: dict, mount_program: str) -> Upper:
             raise ArchiveError("overlay mount has no upperdir (a read-only mount?)")
         return upper
     if kind == "bind" and isinstance(source, str):
-        fuse_options = mount_program_options(mount_program, source)
-        if fuse_options is not None:
-            upper = upper_from_options(fuse_options, fuse=True)
-            if upper is None:
-                raise ArchiveError(f"{mount_program} mount {source} has no upperdir (read-only?)")
-            return upper
-        native = native_overlay_options(source)
-        if native is not None:
-            log.debug("bind source is an overlay mount (mountinfo)", source=source,
-                      options=",".join(native))  # fmt: skip
-            upper = upper_from_options(native, fuse=False)
-            if upper is None:
-                raise ArchiveError(f"overlay mounted at {source} has no upperdir (read-only?)")
-            return upper
-        raise ArchiveError(
-            f"bind source {source} is neither served by a running {mount_program} "
-            "nor an overlay mount"
-        )
+        upper = upper_mounted_at(source, mount_program)
+        if upper is None:
+            raise ArchiveError(
+                f"bind source {source} is neither served by a running {mount_program} "
+                "nor an overlay mount"
+            )
+        return upper
     raise ArchiveError(f"mount type {kind!r} is not overlay (nor a bind of one)")
+
+
+def upper_mounted_at(path: str, mount_program: str) -> Upper | None:
+    """The upperdir of the overlay mounted at path: a mount-program process serving it,
+    or a native overlay in mountinfo; None when path is neither."""
+    fuse_options = mount_program_options(mount_program, path)
+    if fuse_options is not None:
+        upper = upper_from_options(fuse_options, fuse=True)
+        if upper is None:
+            raise ArchiveError(f"{mount_program} mount {path} has no upperdir (read-only?)")
+        return upper
+    native = native_overlay_options(path)
+    if native is not None:
+        log.debug("overlay mount found in mountinfo", source=path, options=",".join(native))
+        upper = upper_from_options(native, fuse=False)
+        if upper is None:
+            raise ArchiveError(f"overlay mounted at {path} has no upperdir (read-only?)")
+        return upper
+    return None
+
+
+def is_root_mount_point(mount_point: str) -> bool:
+    return mount_point.startswith("/") and not mount_point.strip("/")
+
+
+def find_root_upper(config: dict, bundle: str, mount_program: str) -> Upper:
+    """The upperdir of the container's root filesystem (mount-point /).
+
+    podman runs poststop hooks while root.path is still mounted: a native
+    overlay or a mount-program's.  CRI-O unmounts it first, but the layer's
+    directory in containers-storage stays, with the upperdir as its `diff`.
+    """
+    root = config.get("root")
+    path = root.get("path") if isinstance(root, dict) else None
+    if not isinstance(path, str) or not path:
+        raise ArchiveError("config.json has no root.path")
+    full = posixpath.normpath(posixpath.join(bundle, path))  # relative to the bundle
+    for candidate in dict.fromkeys((full, os.path.realpath(full))):
+        upper, found = upper_mounted_at(candidate, mount_program), "mount"
+        if upper is None:
+            upper, found = storage_layer_upper(candidate), "storage-layer"
+        if upper is not None:
+            log.debug("root filesystem", root_path=candidate, found=found, upperdir=upper.path)
+            return upper
+    shown = path if path == full else f"{path} ({full})"
+    raise ArchiveError(
+        f"root.path {shown} is neither an overlay mount (native or served by a running "
+        f"{mount_program}) nor in a containers-storage overlay layer"
+    )
+
+
+def storage_layer_upper(root_path: str) -> Upper | None:
+    """The `diff` of the containers-storage overlay layer whose `merged` is root_path.
+
+    A container's layer is a directory holding `diff` (the upperdir), `link`
+    and `lower`; `merged` is gone once unmounted.  The store's
+    `.has-mount-program` says whether fuse-overlayfs wrote it; otherwise, as
+    containers-storage does, a store used from a user namespace (rootless)
+    marks with user.overlay.* (`userxattr`).
+    """
+    layer, name = posixpath.split(root_path)
+    diff = posixpath.join(layer, "diff")
+    if name != "merged" or not os.path.isdir(diff):
+        return None
+    if not all(os.path.isfile(posixpath.join(layer, f)) for f in ("link", "lower")):
+        return None
+    try:
+        with open(posixpath.join(posixpath.dirname(layer), ".has-mount-program")) as f:
+            fuse = f.read().strip() == "true"
+    except OSError:
+        fuse = False
+    options = [f"upperdir={diff}"] + ([] if fuse or not in_user_namespace() else ["userxattr"])
+    return upper_from_options(options, fuse=fuse)
+
+
+def in_user_namespace() -> bool:
+    """Not in the initial user namespace (whose uid_map maps all of 0..2^32-2 to itself)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
+def locate_upper(mount_point: str, config: dict, bundle: str, mount_program: str) -> Upper:
+    """The upperdir behind a mount-point: the root filesystem's for /, else its mount's."""
+    if is_root_mount_point(mount_point):
+        return find_root_upper(config, bundle, mount_program)
+    return find_upper(find_mount(config.get("mounts"), mount_point), mount_program)
 
 
 # ---------------------------------------------------------------------------
@@ -502,13 +698,33 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_WHITEOUT = b".wh..wh..opq"
 
 
-@dataclass
 class Entry:
-    __slots__ = ("path", "rel", "st", "xattrs")  # one per upperdir entry: keep it light
-    rel: bytes  # b"." for the root, else b"dir/name"
-    path: bytes  # where to read it
-    st: os.stat_result
-    xattrs: dict[str, bytes]
+    """One entry of the upperdir, read where it lies: by name in its open parent directory.
+
+    Working relative to directory fds means only a name's length, never the
+    depth of a path, limits what can be archived (a container may nest
+    directories past PATH_MAX).
+    """
+
+    __slots__ = ("depth", "dir_fd", "dir_path", "name", "rel", "st", "xattrs")  # keep it light
+
+    def __init__(self, rel: bytes, dir_fd: int, name: bytes, st: os.stat_result,
+                 xattrs: dict[str, bytes], depth: int, dir_path: bytes | None = None) -> None:  # fmt: skip
+        self.rel = rel  # b"." for the root, else b"dir/name"
+        self.dir_fd = dir_fd  # the open directory holding it (the root: the upperdir itself)
+        self.name = name  # its name there (the root: b".")
+        self.st = st
+        self.xattrs = xattrs
+        self.depth = depth  # 0 for the root, 1 for its children, ...
+        self.dir_path = dir_path  # the directory's path, where short enough to use
+
+    @property
+    def path(self) -> bytes:
+        """A path to the entry however deep it lies, for the calls that take no dir_fd
+        (xattrs); the last component is never followed."""
+        if self.dir_path is not None:  # the kernel resolves it faster than /proc/self/fd
+            return self.dir_path + b"/" + self.name
+        return b"/proc/self/fd/%d/%s" % (self.dir_fd, self.name)
 
     @property
     def is_whiteout(self) -> bool:
@@ -532,36 +748,91 @@ def read_xattrs(path: bytes) -> dict[str, bytes]:
     return values
 
 
-def list_dir(path: bytes, rel_dir: bytes) -> Iterator[Entry]:
-    """A directory's entries, sorted by name: archives of the same tree come out the same."""
-    for name in sorted(os.listdir(path)):
-        child = path + b"/" + name
-        yield Entry(rel_dir + name, child, os.lstat(child), read_xattrs(child))
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def sorted_names(dir_fd: int) -> Iterator[bytes]:
+    """A directory's names, sorted: archives of the same tree come out the same."""
+    return iter(sorted(os.fsencode(n) for n in os.listdir(dir_fd)))
+
+
+PATH_USABLE = 3800  # a directory path short enough that path + "/" + name fits PATH_MAX
+
+
+def read_entry(upper: Upper, dir_fd: int, name: bytes, rel: bytes, depth: int,
+               dir_path: bytes | None) -> Entry:  # fmt: skip
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    entry = Entry(rel, dir_fd, name, st, {}, depth, dir_path)
+    entry.xattrs = read_xattrs(entry.path)
+    if entry.xattrs:
+        check_representable(entry, upper)
+    return entry
 
 
 def walk(upper: Upper) -> Iterator[Entry]:
-    """Every entry of the upperdir, depth first, each directory before its children."""
-    top = os.fsencode(upper.path)
+    """Every entry of the upperdir, depth first, each directory before its children.
+
+    One directory fd is open per level: each entry is read (and must be used
+    by the caller) before the walk moves on.
+    """
     try:
-        st = os.lstat(top)
+        top = os.open(upper.path, DIR_FLAGS)
     except OSError as exc:
-        raise ArchiveError(f"cannot read upperdir: {describe(exc)}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ArchiveError(f"upperdir {upper.path} is not a directory")
-    root = Entry(b".", top, st, read_xattrs(top))
-    check_representable(root, upper)
-    yield root
-    stack = [list_dir(top, b"")]  # an explicit stack: a container may nest dirs deeply
-    while stack:
-        entry = next(stack[-1], None)
-        if entry is None:
-            stack.pop()
-            continue
-        if entry.xattrs:
-            check_representable(entry, upper)
-        yield entry
-        if stat.S_ISDIR(entry.st.st_mode):
-            stack.append(list_dir(entry.path, entry.rel + b"/"))
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise ArchiveError(f"upperdir {upper.path} is not a directory") from None
+        raise ArchiveError(f"cannot read upperdir {upper.path}: {exc.strerror}") from None
+    raise_open_file_limit()
+    # Per level: the directory's fd, its path (None past PATH_USABLE), prefix, names.
+    stack: list[tuple[int, bytes | None, bytes, Iterator[bytes]]] = []
+    top_path = os.fsencode(upper.path)
+    rel = b"."
+    try:
+        try:
+            root = read_entry(upper, top, b".", rel, 0, top_path)
+            stack.append((top, top_path, b"", sorted_names(top)))
+        except BaseException:
+            os.close(top)
+            raise
+        yield root
+        while stack:
+            fd, dir_path, prefix, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                os.close(fd)
+                continue
+            rel = prefix + name
+            entry = read_entry(upper, fd, name, rel, len(stack), dir_path)
+            yield entry
+            if stat.S_ISDIR(entry.st.st_mode):
+                child = os.open(name, DIR_FLAGS, dir_fd=fd)
+                child_path = entry.path if dir_path and len(dir_path) < PATH_USABLE else None
+                stack.append((child, child_path, rel + b"/", sorted_names(child)))
+    except OSError as exc:
+        where = upper.path if rel == b"." else f"{upper.path}/{os.fsdecode(rel)}"
+        raise ArchiveError(f"cannot read {where}: {exc.strerror}") from None
+    finally:
+        for fd, *_ in stack:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def raise_open_file_limit() -> None:
+    """The walk holds a directory fd per level: allow as many as the hard limit does."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def excluding(entries: Iterable[Entry], excluded: frozenset[bytes]) -> Iterable[Entry]:
+    """The entries but the excluded paths and everything under them (no whiteout made)."""
+    if not excluded:
+        return entries
+    under = tuple(rel + b"/" for rel in excluded)
+    return (e for e in entries if e.rel not in excluded and not e.rel.startswith(under))
 
 
 def check_representable(entry: Entry, upper: Upper) -> None:
@@ -576,7 +847,8 @@ def check_representable(entry: Entry, upper: Upper) -> None:
 
 def open_source(entry: Entry) -> int:
     """Open a regular file of the upperdir: never through a symlink, never a FIFO."""
-    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(entry.name, flags, dir_fd=entry.dir_fd)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size != entry.st.st_size:
         os.close(fd)
@@ -692,7 +964,11 @@ def temp_name(name: str) -> str:
 def remove_stale_temporaries(dir_fd: int, name: str, shown_dir: str) -> None:
     """Temporaries for `name` left by runs killed mid-write (SIGKILL): remove them."""
     prefix = f".{name}{TMP_MARK}"
-    for entry in os.listdir(dir_fd):
+    try:
+        entries = os.listdir(dir_fd)
+    except OSError as exc:
+        raise ArchiveError(f"cannot read the directory {shown_dir}: {exc.strerror}") from None
+    for entry in entries:
         if entry.startswith(prefix) and is_stale(dir_fd, entry, entry[len(prefix) :]):
             log.info("removing a stale temporary", path=posixpath.join(shown_dir, entry))
             with contextlib.suppress(OSError):
@@ -730,9 +1006,10 @@ def pid_alive(pid: int) -> bool:
 class Destination:
     """archive-to's parent directory, held open, and a temporary beside it."""
 
-    def __init__(self, archive_to: str, allow_dirs: tuple[str, ...]) -> None:
+    def __init__(self, archive_to: str, allow_dirs: tuple[str, ...], archive: str = "") -> None:
         real = check_allowed(archive_to, allow_dirs, "archive-to")
         self.path = archive_to
+        self.archive = archive  # its name, for the log
         self.parent, self.name = posixpath.split(real)
         try:
             self.dir_fd = open_dir_nofollow(self.parent, create=True)
@@ -760,10 +1037,9 @@ class Destination:
 
     def make_temp_dir(self) -> int:
         os.mkdir(self.tmp_name, 0o700, dir_fd=self.dir_fd)
-        return self._lock(
-            os.open(self.tmp_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=self.dir_fd)
-        )  # fmt: skip
+        fd = self._lock(os.open(self.tmp_name, DIR_FLAGS, dir_fd=self.dir_fd))
+        clear_inherited(fd)
+        return fd
 
     def make_temp_file(self) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -773,22 +1049,33 @@ class Destination:
         with contextlib.suppress(OSError):
             remove_at(self.dir_fd, self.tmp_name)
 
-    def commit(self, is_dir: bool) -> None:
-        """Rename the finished temporary onto archive-to; the old one goes only now."""
+    def commit(self, is_dir: bool, companions: tuple[tuple[str, str], ...] = ()) -> None:
+        """Put the temporary (and its companions: a layer's descriptor) in place, make the
+        directory durable, and only then remove what they replaced.  A failure on the
+        way puts everything back as it was."""
+        self.check_kind(is_dir)
+        placed: list[tuple[str, str, bool]] = []
         try:
-            renameat2(self.dir_fd, self.tmp_name, self.name, RENAME_NOREPLACE)
+            for tmp, name in ((self.tmp_name, self.name), *companions):
+                placed.append((tmp, name, put_in_place(self.dir_fd, tmp, name)))
+            os.fsync(self.dir_fd)
+        except BaseException:
+            for tmp, name, had_old in reversed(placed):
+                with contextlib.suppress(OSError):
+                    take_back(self.dir_fd, tmp, name, had_old)
+            raise
+        for tmp, _, had_old in placed:
+            if had_old:  # the replaced one, now under the temporary name
+                self.remove_replaced(tmp)
+
+    def remove_replaced(self, tmp: str) -> None:
+        try:
+            remove_at(self.dir_fd, tmp)
         except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                raise
-            if self.existing() is None:  # removed meanwhile
-                return self.commit(is_dir)
-            self.check_kind(is_dir)
-            if is_dir:
-                renameat2(self.dir_fd, self.tmp_name, self.name, RENAME_EXCHANGE)
-                self.discard_temp()  # the old tree, now under the temporary name
-            else:
-                os.rename(self.tmp_name, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-        os.fsync(self.dir_fd)
+            log.warning(
+                "what the archive replaced is left behind: the next run removes it",
+                archive=self.archive, path=posixpath.join(self.parent, tmp), error=describe(exc),
+            )  # fmt: skip
 
     def check_kind(self, is_dir: bool) -> None:
         """Fail before writing anything if archive-to is of the other kind."""
@@ -801,32 +1088,90 @@ class Destination:
             raise ArchiveError(f"archive-to {self.path} exists and is a directory")
 
 
-def write_file_at(dir_fd: int, name: str, data: bytes, shown_dir: str) -> None:
-    """A small file written whole under a temporary name, fsync'd, then renamed into place."""
-    remove_stale_temporaries(dir_fd, name, shown_dir)
+@cache
+def creator() -> tuple[int, int]:
+    """Who owns what the hook creates (uid 0 in a rootless podman's namespace too)."""
+    return os.geteuid(), os.getegid()
+
+
+def clear_inherited(fd: int) -> None:
+    """A new directory takes a setgid parent's group and setgid bit, and its default
+    ACL (which would reach every entry made inside): drop them, so the copy holds
+    only what the upperdir holds."""
+    for name in ("system.posix_acl_default", "system.posix_acl_access"):
+        try:
+            os.removexattr(fd, name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+    os.fchown(fd, -1, creator()[1])
+    os.fchmod(fd, 0o700)
+
+
+def put_in_place(dir_fd: int, tmp: str, name: str) -> bool:
+    """Rename tmp onto name; True if an old `name` was there: it is now under tmp."""
+    while True:
+        try:
+            renameat2(dir_fd, tmp, name, RENAME_NOREPLACE)
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        try:
+            renameat2(dir_fd, tmp, name, RENAME_EXCHANGE)
+            return True
+        except FileNotFoundError:  # the old one was removed meanwhile
+            continue
+
+
+def take_back(dir_fd: int, tmp: str, name: str, had_old: bool) -> None:
+    """Undo put_in_place: the old `name` back, the new one under tmp again."""
+    if had_old:
+        renameat2(dir_fd, tmp, name, RENAME_EXCHANGE)
+    else:
+        renameat2(dir_fd, name, tmp, RENAME_NOREPLACE)
+
+
+def write_temp_file(dir_fd: int, name: str, data: bytes) -> str:
+    """A small file written whole and fsync'd under a temporary name beside `name`."""
     tmp = temp_name(name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
     try:
         os.write(fd, data)
         os.fsync(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
     finally:
         os.close(fd)
+    return tmp
+
+
+def write_file_at(dir_fd: int, name: str, data: bytes, shown_dir: str) -> None:
+    """A small file written whole under a temporary name, fsync'd, then renamed into place."""
+    remove_stale_temporaries(dir_fd, name, shown_dir)
+    tmp = write_temp_file(dir_fd, name, data)
+    try:
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
     os.fsync(dir_fd)
 
 
 def write_success(path: str, allow_dirs: tuple[str, ...]) -> None:
     parent, name = posixpath.split(check_allowed(path, allow_dirs, "success"))
-    dir_fd = open_dir_nofollow(parent, create=True)
     try:
-        write_file_at(dir_fd, name, b"", parent)
-    finally:
-        os.close(dir_fd)
+        dir_fd = open_dir_nofollow(parent, create=True)
+        try:
+            write_file_at(dir_fd, name, b"", parent)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise ArchiveError(f"cannot write the success file {path}: {exc.strerror}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -835,12 +1180,6 @@ def write_success(path: str, allow_dirs: tuple[str, ...]) -> None:
 
 FICLONE = 0x40049409
 WRITEBACK_SIZE = 1 << 20
-
-
-@cache
-def creator() -> tuple[int, int]:
-    """Who owns what the hook creates (uid 0 in a rootless podman's namespace too)."""
-    return os.geteuid(), os.getegid()
 
 
 COPY_CHUNK = 1 << 30
@@ -852,16 +1191,27 @@ class Stats:
     bytes: int = 0  # file data read from the upperdir
     archive_bytes: int = 0  # what the archive file holds (tar methods)
     descriptor: dict | None = None  # oci-layer: what <archive-to>.json says
+    current: bytes | None = None  # the entry being written: errors name it
+    xattrs_not_kept: int = 0  # copy: xattrs the destination refused
+
+
+XATTR_REFUSED = {
+    errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E2BIG, errno.ERANGE,
+    errno.EDQUOT,
+}  # fmt: skip
 
 
 class XattrWriter:
-    """Sets xattrs on the destination; a namespace it refuses is warned about once."""
+    """Sets xattrs on the destination.  One the destination refuses (unsupported
+    namespace, too large, not permitted) is not kept, as `cp -a` and `tar -x` do:
+    the first refusal of each kind is warned about, naming the entry; the rest counted."""
 
-    def __init__(self, archive: str) -> None:
+    def __init__(self, archive: str, stats: Stats) -> None:
         self.archive = archive
-        self.refused: set[str] = set()
+        self.stats = stats
+        self.refused: set[tuple[str, int]] = set()
 
-    def set_all(self, target: bytes | int, xattrs: dict[str, bytes]) -> None:
+    def set_all(self, target: bytes | int, xattrs: dict[str, bytes], rel: bytes) -> None:
         for name, value in xattrs.items():
             try:
                 if isinstance(target, int):
@@ -869,129 +1219,255 @@ class XattrWriter:
                 else:
                     os.setxattr(target, name, value, follow_symlinks=False)
             except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                if exc.errno not in XATTR_REFUSED:
                     raise
-                namespace = name.partition(".")[0]
-                if namespace not in self.refused:
-                    self.refused.add(namespace)
+                self.stats.xattrs_not_kept += 1
+                kind = (name.partition(".")[0], exc.errno)
+                if kind not in self.refused:
+                    self.refused.add(kind)
                     log.warning(
-                        "destination refuses xattrs: not kept",
+                        "destination refuses an xattr: not kept (further refusals of this "
+                        "kind are counted in xattrs_not_kept)",
                         archive=self.archive,
-                        namespace=namespace,
-                        error=describe(exc),
+                        entry=os.fsdecode(rel),
+                        xattr=name,
+                        error=exc.strerror,
                     )
 
 
-def copy_data(src: int, dst: int, size: int, can_clone: list[bool]) -> None:
-    """Kernel-side copy: a reflink where the filesystem has them, else copy_file_range."""
+class Hardlinks:
+    """The first archived path of each hardlinked inode, until all its links are seen:
+    memory grows with the inodes whose other links are still to come (about 140 bytes
+    each), not with the upperdir.  An upperdir is one filesystem: the inode number
+    is the key."""
+
+    def __init__(self) -> None:
+        self.first: dict[int, bytes] = {}
+        self.left: dict[int, int] = {}  # links still to come, for inodes with more than 2
+
+    def first_link(self, st: os.stat_result, path: bytes) -> bytes | None:
+        """None for the first link (path is remembered), else the first link's path."""
+        ino = st.st_ino
+        first = self.first.get(ino)
+        if first is None:
+            self.first[ino] = path
+            if st.st_nlink > 2:
+                self.left[ino] = st.st_nlink - 1
+            return None
+        left = self.left.pop(ino, 1) - 1
+        if left > 0:
+            self.left[ino] = left
+        else:
+            del self.first[ino]
+        return first
+
+
+def is_hardlink(entry: Entry) -> bool:
+    """A link worth keeping as such; the kernel makes all whiteouts one inode."""
+    st = entry.st
+    return st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and not entry.is_whiteout
+
+
+def is_sparse(st: os.stat_result) -> bool:
+    return st.st_blocks * 512 < st.st_size
+
+
+def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of each stretch of data in a file with holes, in order."""
+    segments, offset = [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: only a hole is left
+                raise
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        segments.append((start, end - start))
+        offset = end
+    return segments
+
+
+def copy_data(src: int, dst: int, size: int, can_clone: list[bool], sparse: bool = False) -> None:
+    """Kernel-side copy: a reflink where the filesystem has them, else copy_file_range
+    (holes kept: only the stretches of data of a sparse file are copied)."""
     if can_clone[0]:
         try:
             fcntl.ioctl(dst, FICLONE, src)
             return
         except OSError:
             can_clone[0] = False  # not on this filesystem pair: do not ask again
+    if not sparse:
+        copy_range(src, dst, 0, size)
+        return
+    for offset, length in data_segments(src, size):
+        copy_range(src, dst, offset, length)
+    os.ftruncate(dst, size)
+
+
+def copy_range(src: int, dst: int, offset: int, length: int, in_place: bool = True) -> None:
+    """Copy src[offset:offset+length] kernel-side: to the same offset of dst (in_place),
+    or at dst's current position (into an archive)."""
     copied = 0
     try:
-        while copied < size:
-            n = os.copy_file_range(src, dst, min(size - copied, COPY_CHUNK))
+        while copied < length:
+            at = offset + copied
+            n = os.copy_file_range(src, dst, min(length - copied, COPY_CHUNK), at,
+                                   at if in_place else None)  # fmt: skip
             if n == 0:
                 raise ArchiveError("file shrank while being archived")
             copied += n
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise
-        while copied < size:
-            n = os.sendfile(dst, src, copied, min(size - copied, COPY_CHUNK))
+        if in_place:
+            os.lseek(dst, offset + copied, os.SEEK_SET)
+        while copied < length:
+            n = os.sendfile(dst, src, offset + copied, min(length - copied, COPY_CHUNK))
             if n == 0:
                 raise ArchiveError("file shrank while being archived") from None
             copied += n
 
 
-def set_metadata(target: bytes | int, st: os.stat_result, xattrs: dict[str, bytes],
-                 xw: XattrWriter, mode_is_set: bool = True) -> None:  # fmt: skip
+def set_metadata(target: int | tuple[int, bytes], entry: Entry, xw: XattrWriter,
+                 mode_is_set: bool = True) -> None:  # fmt: skip
     """Owner, mode, xattrs, then times, each only where the new entry differs.
 
     chown clears setuid bits and capabilities, so mode and xattrs come after it.
     Entries are created with their final permissions (umask 0): chmod is needed
     only for directories (made 0700 to be filled) and setuid/setgid/sticky bits.
     """
-    is_link, is_fd = stat.S_ISLNK(st.st_mode), isinstance(target, int)
+    st = entry.st
+    is_link = stat.S_ISLNK(st.st_mode)
+    fix_mode = not is_link and (not mode_is_set or st.st_mode & 0o7000)
+    times = (st.st_atime_ns, st.st_mtime_ns)
+    if isinstance(target, int):
+        if (st.st_uid, st.st_gid) != creator():
+            os.chown(target, st.st_uid, st.st_gid)
+        if fix_mode:
+            os.chmod(target, stat.S_IMODE(st.st_mode))
+        if entry.xattrs:
+            xw.set_all(target, entry.xattrs, entry.rel)
+        os.utime(target, ns=times)
+        return
+    dir_fd, name = target
     if (st.st_uid, st.st_gid) != creator():
-        os.chown(target, st.st_uid, st.st_gid, follow_symlinks=is_fd)
-    if not is_link and (not mode_is_set or st.st_mode & 0o7000):
-        os.chmod(target, stat.S_IMODE(st.st_mode))
-    if xattrs:
-        xw.set_all(target, xattrs)
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=not is_link)
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+    if fix_mode:
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
+    if entry.xattrs:
+        xw.set_all(b"/proc/self/fd/%d/%s" % (dir_fd, name), entry.xattrs, entry.rel)
+    os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
 
 
-def write_copy(entries: Iterable[Entry], root_fd: int, shown_root: str, archive: Archive) -> Stats:
-    """The tree under the directory root_fd; errors name paths under shown_root."""
-    base = f"/proc/self/fd/{root_fd}/".encode()
+def write_copy(entries: Iterable[Entry], root_fd: int, archive: Archive, stats: Stats) -> None:
+    """The tree under the (new, empty) directory root_fd."""
     old_umask = os.umask(0)  # entries are created with their own permissions
     try:
-        return copy_entries(entries, base, archive)
-    except OSError as exc:
-        for attr in ("filename", "filename2"):
-            name = getattr(exc, attr)
-            if isinstance(name, bytes) and name.startswith(base):
-                setattr(exc, attr, os.fsencode(shown_root) + b"/" + name[len(base) :])
-        raise
+        copy_entries(entries, root_fd, archive, stats)
     finally:
         os.umask(old_umask)
 
 
-def copy_entries(entries: Iterable[Entry], base: bytes, archive: Archive) -> Stats:
-    xw = XattrWriter(archive.name)
-    links: dict[tuple[int, int], bytes] = {}
-    dirs: list[tuple[bytes, Entry]] = []
+def copy_entries(entries: Iterable[Entry], root_fd: int, archive: Archive, stats: Stats) -> None:
+    """Each entry made by name in its destination directory, held open per depth.
+
+    A directory gets its metadata when the walk leaves it (creating children
+    changes its mtime, and its default ACL or setgid bit must not reach them):
+    memory holds one directory per level, not one per directory.
+    """
+    xw = XattrWriter(archive.name, stats)
+    links = Hardlinks()
+    open_dirs: list[tuple[int, Entry]] = []  # the destination directory of each level
     can_clone = [True]
-    stats = Stats()
-    for entry in entries:
-        st, dst = entry.st, base + entry.rel
-        stats.entries += 1
-        mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            if entry.rel != b".":
-                os.mkdir(dst, 0o700)
-            dirs.append((dst, entry))
-            continue
-        if stat.S_ISSOCK(mode):
-            log.warning("socket skipped", archive=archive.name, path=os.fsdecode(entry.path))
-            continue
-        if st.st_nlink > 1 and not entry.is_whiteout:
-            key = (st.st_dev, st.st_ino)
-            if key in links:
-                os.link(links[key], dst, follow_symlinks=False)
+    try:
+        for entry in entries:
+            stats.entries += 1
+            while len(open_dirs) > entry.depth:
+                leave_dir(open_dirs.pop(), root_fd, xw, stats)
+            stats.current = entry.rel
+            if entry.depth == 0:  # the root is the temporary directory itself
+                open_dirs.append((root_fd, entry))
                 continue
-            links[key] = dst
-        if stat.S_ISREG(mode):
-            copy_file(entry, dst, xw, can_clone)
-            stats.bytes += st.st_size
-            continue
-        if stat.S_ISLNK(mode):
-            os.symlink(os.readlink(entry.path), dst)
-        elif stat.S_ISFIFO(mode):
-            os.mkfifo(dst, stat.S_IMODE(mode))
-        else:  # character and block devices, whiteouts among them
-            os.mknod(dst, mode, st.st_rdev)
-        set_metadata(dst, st, entry.xattrs, xw)
-    for dst, entry in reversed(dirs):  # children first: creating them changes a dir's mtime
-        set_metadata(dst, entry.st, entry.xattrs, xw, mode_is_set=False)
-    return stats
+            stats.bytes += copy_entry(entry, open_dirs[-1][0], root_fd, links, xw, can_clone,
+                                      open_dirs)  # fmt: skip
+        while open_dirs:
+            leave_dir(open_dirs.pop(), root_fd, xw, stats)
+    finally:
+        for fd, _ in open_dirs:
+            if fd != root_fd:
+                os.close(fd)
 
 
-def copy_file(entry: Entry, dst: bytes, xw: XattrWriter, can_clone: list[bool]) -> None:
+def copy_entry(entry: Entry, parent: int, root_fd: int, links: Hardlinks, xw: XattrWriter,
+               can_clone: list[bool], open_dirs: list[tuple[int, Entry]]) -> int:  # fmt: skip
+    """Make one entry (a directory is left open on open_dirs); the bytes of data copied."""
+    st, name = entry.st, entry.name
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        os.mkdir(name, 0o700, dir_fd=parent)
+        open_dirs.append((os.open(name, DIR_FLAGS, dir_fd=parent), entry))
+        return 0
+    if is_hardlink(entry):
+        first = links.first_link(st, entry.rel)
+        if first is not None:
+            link_at(root_fd, first, parent, name)
+            return 0
+    if stat.S_ISREG(mode):
+        copy_file(entry, parent, xw, can_clone)
+        return st.st_size
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(entry.name, dir_fd=entry.dir_fd), name, dir_fd=parent)
+    elif stat.S_ISFIFO(mode):
+        os.mkfifo(name, stat.S_IMODE(mode), dir_fd=parent)
+    else:  # devices (whiteouts among them) and sockets
+        os.mknod(name, mode, st.st_rdev, dir_fd=parent)
+    set_metadata((parent, name), entry, xw)
+    return 0
+
+
+def leave_dir(level: tuple[int, Entry], root_fd: int, xw: XattrWriter, stats: Stats) -> None:
+    fd, entry = level
+    stats.current = entry.rel
+    try:
+        set_metadata(fd, entry, xw, mode_is_set=False)
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+def link_at(root_fd: int, first: bytes, parent: int, name: bytes) -> None:
+    """A hardlink to the copy's entry `first` (a path under root_fd, maybe past PATH_MAX)."""
+    try:
+        os.link(first, name, src_dir_fd=root_fd, dst_dir_fd=parent, follow_symlinks=False)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    *dirs, base = first.split(b"/")
+    fd = os.dup(root_fd)
+    try:
+        for part in dirs:
+            next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        os.link(base, name, src_dir_fd=fd, dst_dir_fd=parent, follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
+def copy_file(entry: Entry, parent: int, xw: XattrWriter, can_clone: list[bool]) -> None:
     src_fd = open_source(entry)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        dst_fd = os.open(dst, flags, stat.S_IMODE(entry.st.st_mode) & 0o777)
+        dst_fd = os.open(entry.name, flags, stat.S_IMODE(entry.st.st_mode) & 0o777, dir_fd=parent)
         try:
-            if entry.st.st_size:
-                copy_data(src_fd, dst_fd, entry.st.st_size, can_clone)
-                if entry.st.st_size >= WRITEBACK_SIZE:
+            size = entry.st.st_size
+            if size:
+                copy_data(src_fd, dst_fd, size, can_clone, is_sparse(entry.st))
+                if size >= WRITEBACK_SIZE:
                     start_writeback(dst_fd)
-            set_metadata(dst_fd, entry.st, entry.xattrs, xw)
+            set_metadata(dst_fd, entry, xw)
         finally:
             os.close(dst_fd)
     finally:
@@ -1007,6 +1483,7 @@ def copy_file(entry: Entry, dst: bytes, xw: XattrWriter, can_clone: list[bool]) 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default record: readers expect archives padded to it
 READ_CHUNK = 1 << 20
+KERNEL_COPY_MIN = 1 << 16  # smaller file data goes through the buffer
 DEFAULT_LEVELS = {"gzip": 2, "zstd": 3}
 ZSTD_JOB_SIZE = 2 << 20
 
@@ -1027,11 +1504,62 @@ USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
 MAX_OCTAL_7, MAX_OCTAL_11 = 8**7 - 1, 8**11 - 1  # what 8- and 12-byte fields hold
 
 
-def pax_record(key: str, value: bytes) -> bytes:
-    body = b" " + key.encode() + b"=" + value + b"\n"
+def pax_record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
     length = len(body) + len(str(len(body)))
     length = len(body) + len(str(length))  # the length counts its own digits
     return b"%d" % length + body
+
+
+def xattr_keyword(name: str) -> bytes:
+    """SCHILY.xattr.<name>, the name's raw bytes with "%" and "=" escaped as GNU tar
+    does (a "=" would end the keyword), so that GNU tar restores the very name."""
+    raw = os.fsencode(name).replace(b"%", b"%25").replace(b"=", b"%3D")
+    return b"SCHILY.xattr." + raw
+
+
+ACL_XATTRS = {"system.posix_acl_access": b"access", "system.posix_acl_default": b"default"}
+ACL_TAGS = {0x01: b"user", 0x02: b"user", 0x04: b"group", 0x08: b"group", 0x10: b"mask",
+            0x20: b"other"}  # fmt: skip
+ACL_NAMED = (0x02, 0x08)
+ACL_ENTRY = struct.Struct("<HHI")
+
+
+def acl_text(value: bytes) -> bytes | None:
+    """A POSIX ACL xattr (version 2) as the text GNU tar and bsdtar read from
+    SCHILY.acl.*: one `tag:qualifier:rwx` per line, ids as numbers (the names of the
+    container's users mean nothing on the host).  None if it is not a valid ACL."""
+    body = value[4:]
+    if len(value) < 4 or value[:4] != b"\x02\0\0\0" or len(body) % ACL_ENTRY.size:
+        return None
+    lines = []
+    for tag, perm, ident in ACL_ENTRY.iter_unpack(body):
+        if tag not in ACL_TAGS:
+            return None
+        qualifier = b"%d" % ident if tag in ACL_NAMED else b""
+        perms = bytes(c if perm & bit else 45 for c, bit in ((114, 4), (119, 2), (120, 1)))
+        lines.append(ACL_TAGS[tag] + b":" + qualifier + b":" + perms + b"\n")
+    return b"".join(lines)
+
+
+def xattr_records(xattrs: dict[str, bytes]) -> list[bytes]:
+    """Every xattr as SCHILY.xattr.*; POSIX ACLs also as SCHILY.acl.*, which
+    `tar --acls` and `bsdtar --acls` restore (as `tar --acls -c` writes them)."""
+    records = []
+    for name, value in xattrs.items():
+        records.append(pax_record(xattr_keyword(name), value))
+        kind = ACL_XATTRS.get(name)
+        text = acl_text(value) if kind is not None else None
+        if text is not None:
+            records.append(pax_record(b"SCHILY.acl." + kind, text))
+    return records
+
+
+def pax_time(ns: int) -> bytes:
+    """Seconds with nanoseconds; before 1970 the sign covers both (-0.5 s is "-0.5")."""
+    sign = b"-" if ns < 0 else b""
+    seconds, nanos = divmod(abs(ns), 1_000_000_000)
+    return b"%s%d.%09d" % (sign, seconds, nanos)
 
 
 def ustar_block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
@@ -1059,44 +1587,48 @@ def member_name(entry: Entry) -> bytes:
     return b"./" + entry.rel + (b"/" if stat.S_ISDIR(entry.st.st_mode) else b"")
 
 
-def tar_header(entry: Entry, owner: tuple[int, int] | None, link_to: bytes | None) -> bytes:
+def tar_header(entry: Entry, owner: tuple[int, int] | None, link_to: bytes | None,
+               sparse: SparseMap | None = None) -> bytes:  # fmt: skip
     """The header blocks of one member: a PAX header first where ustar cannot hold it all."""
     st = entry.st
     name = member_name(entry)
+    records = []
     if link_to is not None:
         typeflag, linkname, size = HARDLINK, link_to, 0
     else:
         typeflag = TYPEFLAGS[stat.S_IFMT(st.st_mode)]
-        linkname = os.readlink(entry.path) if typeflag == b"2" else b""
+        linkname = os.readlink(entry.name, dir_fd=entry.dir_fd) if typeflag == b"2" else b""
         size = st.st_size if typeflag == b"0" else 0
+    if sparse is not None:  # PAX sparse format 1.0, as GNU tar --sparse writes it
+        records += sparse.records(name)
+        name, size = sparse.member_name(entry), sparse.member_size
     if owner is None:
         uid, gid = st.st_uid, st.st_gid
         uname, gname = user_name(uid), group_name(gid)
     else:
         (uid, gid), uname, gname = owner, b"", b""
-    seconds, nanos = divmod(st.st_mtime_ns, 1_000_000_000)
-    records = []
+    seconds = st.st_mtime_ns // 1_000_000_000
     if len(name) > 100:
-        records.append(pax_record("path", name))
+        records.append(pax_record(b"path", name))
     if len(linkname) > 100:
-        records.append(pax_record("linkpath", linkname))
+        records.append(pax_record(b"linkpath", linkname))
     if uid > MAX_OCTAL_7:
-        records.append(pax_record("uid", b"%d" % uid))
+        records.append(pax_record(b"uid", b"%d" % uid))
         uid = 0
     if gid > MAX_OCTAL_7:
-        records.append(pax_record("gid", b"%d" % gid))
+        records.append(pax_record(b"gid", b"%d" % gid))
         gid = 0
     if size > MAX_OCTAL_11:
-        records.append(pax_record("size", b"%d" % size))
-    if nanos or not 0 <= seconds <= MAX_OCTAL_11:
-        records.append(pax_record("mtime", b"%d.%09d" % (seconds, nanos)))
+        records.append(pax_record(b"size", b"%d" % size))
+    if st.st_mtime_ns % 1_000_000_000 or not 0 <= seconds <= MAX_OCTAL_11:
+        records.append(pax_record(b"mtime", pax_time(st.st_mtime_ns)))
         seconds = min(max(seconds, 0), MAX_OCTAL_11)
     if len(uname) > 32:
-        records.append(pax_record("uname", uname))
+        records.append(pax_record(b"uname", uname))
     if len(gname) > 32:
-        records.append(pax_record("gname", gname))
-    for key, value in entry.xattrs.items():
-        records.append(pax_record("SCHILY.xattr." + key, value))
+        records.append(pax_record(b"gname", gname))
+    if entry.xattrs:
+        records += xattr_records(entry.xattrs)
     is_device = typeflag in (b"3", b"4")
     block = ustar_block(
         name, stat.S_IMODE(st.st_mode), uid, gid, min(size, MAX_OCTAL_11), seconds, typeflag,
@@ -1107,6 +1639,35 @@ def tar_header(entry: Entry, owner: tuple[int, int] | None, link_to: bytes | Non
         return block
     data = b"".join(records)
     return pax_block(len(data)) + data + bytes(-len(data) % BLOCK) + block
+
+
+class SparseMap:
+    """A file with holes as a PAX 1.0 sparse member: its data stretches, listed in a
+    text map that precedes them in the member's data, so the archive holds the data
+    only (GNU tar --sparse and bsdtar restore the holes)."""
+
+    def __init__(self, segments: list[tuple[int, int]], size: int) -> None:
+        self.segments = segments
+        self.size = size
+        lines = [b"%d\n" % (len(segments) + 1)]
+        lines += [b"%d\n%d\n" % segment for segment in segments]
+        lines.append(b"%d\n0\n" % size)  # the end of the file, as GNU tar marks it
+        text = b"".join(lines)
+        self.map = text + bytes(-len(text) % BLOCK)
+        self.member_size = len(self.map) + sum(length for _, length in segments)
+
+    def records(self, name: bytes) -> list[bytes]:
+        return [
+            pax_record(b"GNU.sparse.major", b"1"),
+            pax_record(b"GNU.sparse.minor", b"0"),
+            pax_record(b"GNU.sparse.name", name),
+            pax_record(b"GNU.sparse.realsize", b"%d" % self.size),
+        ]
+
+    @staticmethod
+    def member_name(entry: Entry) -> bytes:
+        parent = entry.rel.rpartition(b"/")[0]
+        return b"./" + (parent + b"/" if parent else b"") + b"GNUSparseFile.0/" + entry.name
 
 
 @cache
@@ -1149,11 +1710,11 @@ class OutputFile:
     def flush(self) -> None:
         self.raw.flush()
 
-    def copy_from(self, src: int, size: int) -> None:
+    def copy_from(self, src: int, offset: int, length: int) -> None:
         """Kernel-side copy of file data straight into the archive (plain tar)."""
         self.raw.flush()
-        copy_data(src, self.fd, size, [False])
-        self.size += size
+        copy_range(src, self.fd, offset, length, in_place=False)
+        self.size += length
 
 
 class TarSink:
@@ -1188,30 +1749,29 @@ class TarSink:
         if self.tar_digest is not None:
             self.tar_digest.update(data)
 
-    def write_file(self, entry: Entry) -> None:
-        """A regular file's data, padded to a whole block."""
-        size = entry.st.st_size
-        src = open_source(entry)
-        try:
-            if self.stream is self.out and self.tar_digest is None:
-                self.out.copy_from(src, size)
-                self.written += size
+    def write_data(self, src: int, segments: Iterable[tuple[int, int]], size: int) -> None:
+        """A regular file's data (the given stretches of it), padded to a whole block.
+        Large stretches go kernel-side into a plain tar; small ones through the buffer,
+        which saves a flush per file."""
+        kernel_copy = self.stream is self.out and self.tar_digest is None
+        for offset, length in segments:
+            if kernel_copy and length >= KERNEL_COPY_MIN:
+                self.out.copy_from(src, offset, length)
+                self.written += length
             else:
-                self.copy_through(src, size)
-        finally:
-            os.close(src)
+                self.copy_through(src, offset, length)
         if size % BLOCK:
             self.write(bytes(-size % BLOCK))
 
-    def copy_through(self, src: int, size: int) -> None:
+    def copy_through(self, src: int, offset: int, length: int) -> None:
         view = memoryview(self.buffer)
-        left = size
-        while left:
-            n = os.readv(src, [view[: min(left, READ_CHUNK)]])
+        end = offset + length
+        while offset < end:
+            n = os.preadv(src, [view[: min(end - offset, READ_CHUNK)]], offset)
             if n == 0:
                 raise ArchiveError("file shrank while being archived")
             self.write(view[:n])
-            left -= n
+            offset += n
 
     def finish(self) -> None:
         """The end-of-archive blocks, the record's padding, then the compressor's last blocks."""
@@ -1222,32 +1782,55 @@ class TarSink:
         self.out.flush()
 
 
-def write_tar(entries: Iterable[Entry], fd: int, archive: Archive, hashing: bool = False) -> Stats:
-    """Each entry as a member; hardlinks as link members, but whiteouts each their own."""
-    sink = TarSink(fd, archive, hashing)
-    links: dict[tuple[int, int], bytes] = {}
-    stats = Stats()
+def write_tar(entries: Iterable[Entry], fd: int, archive: Archive, stats: Stats,
+              layer: bool = False) -> None:  # fmt: skip
+    """Each entry as a member; hardlinks as link members, but whiteouts each their own.
+    A layer is hashed for its descriptor and holds no sparse members (image-spec:
+    sparse files SHOULD NOT be used in layers)."""
+    sink = TarSink(fd, archive, hashing=layer)
+    links = Hardlinks()
     for entry in entries:
+        stats.current = entry.rel
         st = entry.st
         if stat.S_ISSOCK(st.st_mode):
-            log.warning("socket skipped", archive=archive.name, path=os.fsdecode(entry.path))
+            log.warning(
+                "socket skipped: tar cannot hold one", archive=archive.name,
+                entry=os.fsdecode(entry.rel),
+            )  # fmt: skip
             continue
-        link_to = None
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and not entry.is_whiteout:
-            key = (st.st_dev, st.st_ino)
-            link_to = links.get(key)
-            if link_to is None:
-                links[key] = member_name(entry)
-        sink.write(tar_header(entry, archive.owner, link_to))
+        link_to = links.first_link(st, member_name(entry)) if is_hardlink(entry) else None
         stats.entries += 1
         if link_to is None and stat.S_ISREG(st.st_mode) and st.st_size:
-            sink.write_file(entry)
+            write_file_member(sink, entry, archive.owner, sparse_ok=not layer)
             stats.bytes += st.st_size
+        else:
+            sink.write(tar_header(entry, archive.owner, link_to))
+    stats.current = None
     sink.finish()
     stats.archive_bytes = sink.out.size
-    if hashing:
+    if layer:
         stats.descriptor = layer_descriptor(sink, archive.compressor or "gzip")
-    return stats
+
+
+def write_file_member(sink: TarSink, entry: Entry, owner: tuple[int, int] | None,
+                      sparse_ok: bool) -> None:  # fmt: skip
+    size = entry.st.st_size
+    src = open_source(entry)
+    try:
+        sparse = None
+        if sparse_ok and is_sparse(entry.st):
+            segments = data_segments(src, size)
+            if sum(length for _, length in segments) < size:
+                sparse = SparseMap(segments, size)
+        if sparse is None:
+            sink.write(tar_header(entry, owner, None))
+            sink.write_data(src, ((0, size),), size)
+        else:
+            sink.write(tar_header(entry, owner, None, sparse))
+            sink.write(sparse.map)
+            sink.write_data(src, sparse.segments, sparse.member_size)
+    finally:
+        os.close(src)
 
 
 # ---------------------------------------------------------------------------
@@ -1260,41 +1843,79 @@ OCI_LAYER_MEDIA_TYPES = {
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
 }
 FUSE_OPAQUE_MARKERS = (OPAQUE_WHITEOUT, b".wh..opq")
+OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 
 
 def is_opaque(entry: Entry, upper: Upper) -> bool:
     return any(entry.xattrs.get(p + "opaque") == b"y" for p in upper.marker_prefixes)
 
 
-def marker_free(xattrs: dict[str, bytes], upper: Upper) -> dict[str, bytes]:
-    """The xattrs without overlay markers; escaped overlay xattrs as the container set them."""
+def layer_xattrs(entry: Entry, upper: Upper, archive: str) -> dict[str, bytes]:
+    """The xattrs without overlay markers.  An overlay xattr the container set itself
+    (stored escaped since Linux 6.7) is dropped with a warning: an applier would take
+    it for a marker (a trusted.overlay.opaque makes podman hide the image's files)."""
     kept = {}
-    for name, value in xattrs.items():
+    for name, value in entry.xattrs.items():
         user_name = upper.user_xattr(name)
-        if user_name is not None:
-            kept[user_name] = value
+        if user_name is None:
+            continue  # this overlay's own marker
+        if user_name.startswith(OVERLAY_XATTRS):
+            log.warning(
+                "xattr left out of the layer: appliers would take it for an overlay marker",
+                archive=archive, entry=os.fsdecode(entry.rel), xattr=user_name,
+            )  # fmt: skip
+            continue
+        kept[user_name] = value
     return kept
 
 
-def oci_entries(entries: Iterable[Entry], upper: Upper) -> Iterator[Entry]:
+def oci_entries(entries: Iterable[Entry], upper: Upper, archive: str) -> Iterator[Entry]:
     """Convert overlay's encoding of changes into image-spec's, each path once."""
+    whiteouts: list[set[bytes]] = [set()]  # per depth: the whiteout names made in that dir
     for entry in entries:
+        st, depth = entry.st, entry.depth
         parent, _, name = entry.rel.rpartition(b"/")
-        if name in FUSE_OPAQUE_MARKERS:
-            continue  # fuse-overlayfs's own markers: the directory's entry carries opacity
-        st = entry.st
-        if entry.is_whiteout:
-            rel = (parent + b"/" if parent else b"") + WHITEOUT_PREFIX + name
-            yield Entry(rel, entry.path, whiteout_file_stat(st), {})
+        rel_dir = parent + b"/" if parent else b""
+        if name.startswith(WHITEOUT_PREFIX):
+            check_fuse_marker(entry, upper)
+            if name in FUSE_OPAQUE_MARKERS:
+                continue  # the directory's entry carries its opacity
+            name = name[len(WHITEOUT_PREFIX) :]  # fuse-overlayfs's whiteout file for `name`
+        elif not entry.is_whiteout:
+            yield Entry(entry.rel, entry.dir_fd, entry.name, st,
+                        layer_xattrs(entry, upper, archive), depth)  # fmt: skip
+            if stat.S_ISDIR(st.st_mode):
+                del whiteouts[depth + 1 :]
+                whiteouts.append(set())
+                if depth and (is_opaque(entry, upper) or upper.fuse and has_opq_file(entry)):
+                    opq = entry.rel + b"/" + OPAQUE_WHITEOUT
+                    yield Entry(opq, entry.dir_fd, OPAQUE_WHITEOUT, whiteout_file_stat(st), {},
+                                depth + 1)  # fmt: skip
             continue
-        yield Entry(entry.rel, entry.path, st, marker_free(entry.xattrs, upper))
-        if stat.S_ISDIR(st.st_mode) and (is_opaque(entry, upper) or has_opq_file(entry)):
-            rel = b"" if entry.rel == b"." else entry.rel + b"/"
-            yield Entry(rel + OPAQUE_WHITEOUT, entry.path, whiteout_file_stat(st), {})
+        if name in whiteouts[depth]:
+            continue  # fuse-overlayfs wrote both a device and a file for it
+        whiteouts[depth].add(name)
+        yield Entry(rel_dir + WHITEOUT_PREFIX + name, entry.dir_fd, entry.name,
+                    whiteout_file_stat(st), {}, depth)  # fmt: skip
+
+
+def check_fuse_marker(entry: Entry, upper: Upper) -> None:
+    """A .wh.* name is a marker only where fuse-overlayfs wrote it; elsewhere it is
+    the container's own file, which a layer cannot hold (image-spec reserves the
+    prefix: an applier would delete or hide files of the image instead)."""
+    if not upper.fuse:
+        raise ArchiveError(
+            f"{os.fsdecode(entry.rel)}: a name starting with .wh. cannot be in an OCI layer "
+            "(image-spec reserves it for whiteouts); use another method for this mount"
+        )
 
 
 def has_opq_file(entry: Entry) -> bool:
-    return os.path.lexists(os.path.join(entry.path, OPAQUE_WHITEOUT))
+    try:
+        os.stat(entry.name + b"/" + OPAQUE_WHITEOUT, dir_fd=entry.dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def whiteout_file_stat(st: os.stat_result) -> os.stat_result:
@@ -1317,25 +1938,378 @@ def layer_descriptor(sink: TarSink, compressor: str) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Writer: oci-image.  archive-to is an OCI image layout (image-spec
+# image-layout.md); the layer, exactly as oci-layer writes it, becomes a new
+# revision: a config and a manifest on top of a base revision, then index.json,
+# rewritten under an fcntl lock on index.lock, names it image-tag.
+# ---------------------------------------------------------------------------
+
+MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
+INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+LAYOUT_FILE, INDEX_FILE, LOCK_FILE = "oci-layout", "index.json", "index.lock"
+MAX_JSON_BLOB = 4 << 20  # image-spec: registries may refuse manifests over 4 MiB
+# image-spec annotations.md: ref ::= component ("/" component)*, component ::=
+# alphanum (separator alphanum)*, alphanum ::= [A-Za-z0-9]+, separator ::= [-._:@+] | "--"
+REF_NAME_RE = re.compile(r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*")
+DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
+GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
+          "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}  # fmt: skip
+
+
+def is_ref_name(value: str) -> bool:
+    return all(REF_NAME_RE.fullmatch(c) for c in value.split("/"))
+
+
+@dataclass
+class Base:
+    """The revision a new one goes on top of; None fields for a first revision."""
+
+    manifest: dict
+    config: dict
+    digest: str | None = None
+    name: str | None = None
+
+
+class Layout:
+    """An OCI image layout directory, held open: its blobs, its index and its lock."""
+
+    def __init__(self, path: str, allow_dirs: tuple[str, ...], create: bool) -> None:
+        self.path = check_allowed(path, allow_dirs, "archive-to")
+        try:
+            self.fd = open_dir_nofollow(self.path, create=create)
+        except OSError as exc:
+            raise ArchiveError(f"cannot open the image layout: {describe(exc)}") from None
+        self.blobs_fd: int | None = None
+        self.shown_blobs = posixpath.join(self.path, "blobs", "sha256")
+
+    def close(self) -> None:
+        for fd in (self.blobs_fd, self.fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """An exclusive fcntl (POSIX record) lock on index.lock, as podman's stores take."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(LOCK_FILE, flags, 0o644, dir_fd=self.fd)
+        except OSError as exc:
+            exc.filename = posixpath.join(self.path, LOCK_FILE)
+            raise ArchiveError(f"cannot open the layout's lock: {describe(exc)}") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    def read_file(self, name: str) -> bytes | None:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+        with open(fd, "rb") as f:
+            return f.read()
+
+    def ensure_layout(self, create: bool) -> None:
+        """An empty (or new) directory becomes an empty layout; any other must be one."""
+        if self.read_file(INDEX_FILE) is None and self.is_empty():
+            if not create:
+                raise self.not_a_layout("it is empty")
+            with self.locked():
+                if self.read_file(INDEX_FILE) is None and self.is_empty():
+                    if self.read_file(LAYOUT_FILE) is None:
+                        self.write(LAYOUT_FILE, {"imageLayoutVersion": "1.0.0"})
+                    self.write(INDEX_FILE, {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
+                                            "manifests": []})  # fmt: skip
+        version = self.load(LAYOUT_FILE, "its oci-layout file")
+        if not str(version.get("imageLayoutVersion", "")).startswith("1."):
+            raise self.not_a_layout("oci-layout has no imageLayoutVersion 1.x")
+        self.read_index()
+
+    def is_empty(self) -> bool:
+        """Nothing but what a first commit may have left: lock, blobs, oci-layout, temporaries."""
+        made = (LOCK_FILE, "blobs", LAYOUT_FILE)
+        return all(n in made or TMP_MARK in n for n in os.listdir(self.fd))
+
+    def not_a_layout(self, why: str) -> ArchiveError:
+        return ArchiveError(f"archive-to {self.path} is not an OCI image layout: {why}")
+
+    def load(self, name: str, what: str) -> dict:
+        data = self.read_file(name)
+        if data is None:
+            raise self.not_a_layout(f"no {name}")
+        try:
+            value = json.loads(data)
+        except (ValueError, RecursionError):
+            raise self.not_a_layout(f"{what} is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise self.not_a_layout(f"{what} is not a JSON object")
+        return value
+
+    def read_index(self) -> dict:
+        index = self.load(INDEX_FILE, INDEX_FILE)
+        manifests = index.get("manifests")
+        if index.get("schemaVersion") != 2 or not isinstance(manifests, list):
+            raise self.not_a_layout("index.json is not an image index (schemaVersion 2)")
+        if not all(is_descriptor(d) for d in manifests):
+            raise self.not_a_layout("index.json holds a malformed descriptor")
+        return index
+
+    def write(self, name: str, value: dict) -> None:
+        write_file_at(self.fd, name, canonical_json(value), self.path)
+
+    def open_blobs(self) -> int:
+        if self.blobs_fd is None:
+            try:
+                self.blobs_fd = open_dir_nofollow(self.shown_blobs, create=True)
+            except OSError as exc:
+                raise ArchiveError(f"cannot open the layout's blobs: {describe(exc)}") from None
+            remove_stale_blob_temporaries(self.blobs_fd, self.shown_blobs)
+        return self.blobs_fd
+
+    def read_blob(self, digest: str, what: str) -> dict:
+        """A JSON blob, checked against its digest."""
+        if not DIGEST_RE.fullmatch(digest):
+            raise ArchiveError(f"{what} {digest!r} is not a sha256 digest")
+        name = digest.removeprefix("sha256:")
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self.open_blobs())  # fmt: skip
+        except FileNotFoundError:
+            raise ArchiveError(f"{what} {digest}: no such blob in {self.path}") from None
+        with open(fd, "rb") as f:
+            data = f.read(MAX_JSON_BLOB + 1)
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise ArchiveError(f"{what} {digest}: the blob does not match its digest")
+        try:
+            value = json.loads(data)
+        except (ValueError, RecursionError):
+            value = None
+        if not isinstance(value, dict):
+            raise ArchiveError(f"{what} {digest} is not a JSON object")
+        return value
+
+    def put_json_blob(self, value: dict, media_type: str) -> dict:
+        """A JSON blob written (or found already there) under its digest: its descriptor."""
+        data = canonical_json(value)
+        digest = hashlib.sha256(data).hexdigest()
+        blobs_fd = self.open_blobs()
+        old = lstat_at(blobs_fd, digest)
+        if old is None or not stat.S_ISREG(old.st_mode) or old.st_size != len(data):
+            write_file_at(blobs_fd, digest, data, self.shown_blobs)
+        return {"mediaType": media_type, "digest": "sha256:" + digest, "size": len(data)}
+
+    def put_layer(self, archive: Archive, entries: Iterable[Entry], upper: Upper,
+                  stats: Stats) -> None:  # fmt: skip
+        """The layer as oci-layer writes it, through a locked temporary, kept under its digest."""
+        blobs_fd = self.open_blobs()
+        tmp = temp_name("blob")
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o644, dir_fd=blobs_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a live temporary: see is_stale
+            write_tar(oci_entries(entries, upper, archive.name), fd, archive, stats, layer=True)
+            stats.current = None
+            os.fsync(fd)
+            assert stats.descriptor is not None
+            name = stats.descriptor["digest"].removeprefix("sha256:")
+            old = lstat_at(blobs_fd, name)
+            if old is not None and stat.S_ISREG(old.st_mode) and old.st_size == stats.archive_bytes:
+                os.unlink(tmp, dir_fd=blobs_fd)  # the same layer is there already
+            else:
+                os.rename(tmp, name, src_dir_fd=blobs_fd, dst_dir_fd=blobs_fd)
+            os.fsync(blobs_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=blobs_fd)
+            raise
+        finally:
+            os.close(fd)
+
+
+def is_descriptor(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("digest"), str)
+        and isinstance(value.get("annotations", {}), dict)
+    )
+
+
+def canonical_json(value: dict) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def remove_stale_blob_temporaries(blobs_fd: int, shown_dir: str) -> None:
+    """Temporaries in blobs/sha256 left by runs killed mid-write."""
+    for entry in os.listdir(blobs_fd):
+        head, mark, suffix = entry.partition(TMP_MARK)
+        if mark and head.startswith(".") and is_stale(blobs_fd, entry, suffix):
+            log.info("removing a stale temporary", path=posixpath.join(shown_dir, entry))
+            with contextlib.suppress(OSError):
+                os.unlink(entry, dir_fd=blobs_fd)
+
+
+def find_base(layout: Layout, index: dict, archive: Archive) -> Base | None:
+    """image-base (a ref name or a manifest digest), else what image-tag names now."""
+    wanted = archive.image_base or archive.image_tag
+    if DIGEST_RE.fullmatch(wanted):
+        digest, name = wanted, None
+    elif archive.image_base and not is_ref_name(wanted):
+        raise ArchiveError(f"image-base {wanted!r} is neither a ref name nor a sha256 digest")
+    else:
+        named = [d for d in index["manifests"] if d.get("annotations", {}).get(REF_NAME) == wanted]
+        if not named:
+            if archive.image_base:
+                raise ArchiveError(f"image-base {wanted!r} is not in {layout.path}/index.json")
+            return None  # a first revision
+        if named[-1].get("mediaType", MANIFEST_MEDIA_TYPE) != MANIFEST_MEDIA_TYPE:
+            raise ArchiveError(f"{wanted!r} in {layout.path} is not an image manifest")
+        digest, name = named[-1]["digest"], wanted
+    manifest = layout.read_blob(digest, "base manifest")
+    check_manifest(manifest, digest)
+    config = layout.read_blob(manifest["config"]["digest"], "base config")
+    check_config(config, len(manifest["layers"]), manifest["config"]["digest"])
+    return Base(manifest, config, digest, name)
+
+
+def check_manifest(manifest: dict, digest: str) -> None:
+    config, layers = manifest.get("config"), manifest.get("layers")
+    if (
+        manifest.get("schemaVersion") != 2
+        or manifest.get("mediaType", MANIFEST_MEDIA_TYPE) != MANIFEST_MEDIA_TYPE
+        or not isinstance(config, dict)
+        or not isinstance(config.get("digest"), str)
+        or not isinstance(layers, list)
+    ):
+        raise ArchiveError(f"base {digest} is not an OCI image manifest")
+    if config.get("mediaType") != CONFIG_MEDIA_TYPE:
+        raise ArchiveError(
+            f"base {digest}: its config is {config.get('mediaType')!r}, not an image config"
+        )
+
+
+def check_config(config: dict, layers: int, digest: str) -> None:
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if (
+        not isinstance(rootfs, dict)
+        or rootfs.get("type") != "layers"
+        or not isinstance(diff_ids, list)
+        or len(diff_ids) != layers
+        or not isinstance(config.get("history", []), list)
+    ):
+        raise ArchiveError(
+            f"base config {digest} is not an image config (rootfs.diff_ids, one per layer)"
+        )
+
+
+def first_config() -> dict:
+    """The config of a revision with no base: this host's platform, no layers yet."""
+    machine = os.uname().machine
+    return {"architecture": GOARCH.get(machine, machine), "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": []}, "history": []}  # fmt: skip
+
+
+def new_config(base: Base | None, layer: dict, archive: Archive, info: RunInfo) -> dict:
+    config = json.loads(json.dumps(base.config)) if base is not None else first_config()
+    config["created"] = info.created
+    config["rootfs"]["diff_ids"].append(layer["diff_id"])
+    comment = f"container {info.container_id} archive {archive.name}"
+    config.setdefault("history", []).append(
+        {
+            "created": info.created,
+            "created_by": f"archive_overlay {__version__}",
+            "comment": comment,
+        }
+    )
+    return config
+
+
+def new_manifest(base: Base | None, layer: dict, config: dict, info: RunInfo) -> dict:
+    layers = list(base.manifest["layers"]) if base is not None else []
+    layers.append({k: layer[k] for k in ("mediaType", "digest", "size")})
+    annotations = {"org.opencontainers.image.created": info.created}
+    if base is not None:
+        annotations["org.opencontainers.image.base.digest"] = base.digest
+        if base.name is not None:
+            annotations["org.opencontainers.image.base.name"] = base.name
+    return {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE, "config": config,
+            "layers": layers, "annotations": annotations}  # fmt: skip
+
+
+def tag_revision(layout: Layout, manifest: dict, tag: str) -> None:
+    """index.json with the new manifest named `tag`; its former holder kept, unnamed."""
+    with layout.locked():
+        index = layout.read_index()
+        for descriptor in index["manifests"]:
+            annotations = descriptor.get("annotations")
+            if isinstance(annotations, dict) and annotations.get(REF_NAME) == tag:
+                del annotations[REF_NAME]
+                if not annotations:
+                    del descriptor["annotations"]
+        index["manifests"].append({**manifest, "annotations": {REF_NAME: tag}})
+        layout.write(INDEX_FILE, index)
+
+
+def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
+                   info: RunInfo, excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
+    """Layer, config, manifest, each fsync'd under its digest; only then index.json."""
+    if not archive.image_tag:
+        raise ArchiveError(f"method {archive.method} needs an image-tag")
+    if not is_ref_name(archive.image_tag):
+        raise ArchiveError(f"image-tag {archive.image_tag!r} is not a valid ref name")
+    create = not archive.image_base  # a named base must be there already: nothing made
+    layout = Layout(archive.archive_to, allow_dirs, create)
+    stats = Stats()
+    try:
+        layout.ensure_layout(create)
+        base = find_base(layout, layout.read_index(), archive)  # all checked before writing
+        layout.put_layer(archive, excluding(walk(upper), excluded), upper, stats)
+        assert stats.descriptor is not None
+        config = new_config(base, stats.descriptor, archive, info)
+        config_descriptor = layout.put_json_blob(config, CONFIG_MEDIA_TYPE)
+        manifest = new_manifest(base, stats.descriptor, config_descriptor, info)
+        stats.descriptor = layout.put_json_blob(manifest, MANIFEST_MEDIA_TYPE)
+        tag_revision(layout, stats.descriptor, archive.image_tag)
+    except OSError as exc:
+        if stats.current is not None:
+            raise ArchiveError(failure(exc, upper, layout.path, stats)) from None
+        raise ArchiveError(f"image layout {layout.path}: {describe(exc)}") from None
+    finally:
+        layout.close()
+    return stats
+
+
+# ---------------------------------------------------------------------------
 # The command.
 # ---------------------------------------------------------------------------
 
 
-def archive_one(archive: Archive, mounts: object, opts: Options) -> None:
+def archive_one(archive: Archive, config: dict, bundle: str, opts: Options,
+                info: RunInfo) -> None:  # fmt: skip
     started = time.monotonic()
-    upper = find_upper(find_mount(mounts, archive.mount_point), opts.mount_program)
+    expand_placeholders(archive, info)
+    excluded = parse_exclude(archive.exclude)
+    upper = locate_upper(archive.mount_point, config, bundle, opts.mount_program)
     log.debug("upperdir found", archive=archive.name, upperdir=upper.path,
               markers=",".join(upper.marker_prefixes))  # fmt: skip
     if archive.success:
         check_allowed(archive.success, opts.allow_dirs, "success")
-    dest = Destination(archive.archive_to, opts.allow_dirs)
-    log.debug("writing to a temporary", archive=archive.name,
-              path=posixpath.join(dest.parent, dest.tmp_name))  # fmt: skip
-    try:
-        remove_stale_temporaries(dest.dir_fd, dest.name, dest.parent)
-        stats = write_archive(archive, upper, dest)
-    finally:
-        dest.close()
+    if archive.method in IMAGE_METHODS:
+        stats = write_revision(archive, upper, opts.allow_dirs, info, excluded)
+    else:
+        dest = Destination(archive.archive_to, opts.allow_dirs, archive.name)
+        log.debug("writing to a temporary", archive=archive.name,
+                  path=posixpath.join(dest.parent, dest.tmp_name))  # fmt: skip
+        try:
+            for name in (dest.name, dest.name + ".json"):
+                remove_stale_temporaries(dest.dir_fd, name, dest.parent)
+            stats = write_archive(archive, upper, dest, excluded)
+        finally:
+            dest.close()
     if archive.success:
         write_success(archive.success, opts.allow_dirs)
     log.info(
@@ -1348,46 +2322,79 @@ def archive_one(archive: Archive, mounts: object, opts: Options) -> None:
         entries=stats.entries,
         bytes=stats.bytes,
         **({"archive_bytes": stats.archive_bytes} if archive.method != "copy" else {}),
+        **({"xattrs_not_kept": stats.xattrs_not_kept} if stats.xattrs_not_kept else {}),
+        **revision_fields(archive, stats),
         seconds=round(time.monotonic() - started, 3),
     )
 
 
-def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
+def revision_fields(archive: Archive, stats: Stats) -> dict[str, str]:
+    """oci-image: the new revision's manifest digest and its tag, for the log."""
+    if archive.method not in IMAGE_METHODS or stats.descriptor is None:
+        return {}
+    return {"manifest": stats.descriptor["digest"], "image_tag": archive.image_tag}
+
+
+def write_archive(archive: Archive, upper: Upper, dest: Destination,
+                  excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
     is_dir = archive.method == "copy"
     dest.check_kind(is_dir)
-    entries = walk(upper)
-    clock = [time.monotonic()]
+    stats = Stats()
+    companions: tuple[tuple[str, str], ...] = ()
     try:
-        if is_dir:
-            root_fd = dest.make_temp_dir()
-            shown_root = posixpath.join(dest.parent, dest.tmp_name)
-            stats = write_copy(entries, root_fd, shown_root, archive)
-            clock.append(time.monotonic())
-            syncfs(root_fd)
-        else:
-            fd = dest.make_temp_file()
-            if archive.method.startswith("oci-layer"):
-                stats = write_tar(oci_entries(entries, upper), fd, archive, hashing=True)
-            else:
-                stats = write_tar(entries, fd, archive)
-            clock.append(time.monotonic())
-            os.fsync(fd)
-        clock.append(time.monotonic())
-        if stats.descriptor is not None:  # never an old descriptor beside a new layer
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(dest.name + ".json", dir_fd=dest.dir_fd)
-        dest.commit(is_dir)
+        try:
+            write_temporary(archive, upper, dest, stats, excluded)
+            if stats.descriptor is not None:  # the layer and its descriptor go in together
+                data = json.dumps(stats.descriptor, indent=2).encode() + b"\n"
+                json_name = dest.name + ".json"
+                companions = ((write_temp_file(dest.dir_fd, json_name, data), json_name),)
+            started = time.monotonic()
+            dest.commit(is_dir, companions)
+            log.debug("archive renamed into place", archive=archive.name,
+                      seconds=round(time.monotonic() - started, 3))  # fmt: skip
+        except OSError as exc:
+            raise ArchiveError(failure(exc, upper, dest.path, stats)) from None
     except BaseException:
         dest.discard_temp()
+        for tmp, _ in companions:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dest.dir_fd)
         raise
-    clock.append(time.monotonic())
-    walk_write, sync, rename = (round(b - a, 3) for a, b in zip(clock, clock[1:]))
-    log.debug("archive timings", archive=archive.name, walk_write_seconds=walk_write,
-              sync_seconds=sync, rename_seconds=rename)  # fmt: skip
-    if stats.descriptor is not None:
-        descriptor = json.dumps(stats.descriptor, indent=2).encode() + b"\n"
-        write_file_at(dest.dir_fd, dest.name + ".json", descriptor, dest.parent)
     return stats
+
+
+def write_temporary(archive: Archive, upper: Upper, dest: Destination, stats: Stats,
+                    excluded: frozenset[bytes]) -> None:  # fmt: skip
+    """The whole archive under its temporary name, durable on disk."""
+    entries = excluding(walk(upper), excluded)
+    clock = [time.monotonic()]
+    if archive.method == "copy":
+        root_fd = dest.make_temp_dir()
+        write_copy(entries, root_fd, archive, stats)
+        stats.current = None
+        clock.append(time.monotonic())
+        syncfs(root_fd)
+    else:
+        fd = dest.make_temp_file()
+        if archive.method.startswith("oci-layer"):
+            write_tar(oci_entries(entries, upper, archive.name), fd, archive, stats, layer=True)
+        else:
+            write_tar(entries, fd, archive, stats)
+        stats.current = None
+        clock.append(time.monotonic())
+        os.fsync(fd)
+    clock.append(time.monotonic())
+    log.debug("archive written to its temporary", archive=archive.name,
+              walk_write_seconds=round(clock[1] - clock[0], 3),
+              sync_seconds=round(clock[2] - clock[1], 3))  # fmt: skip
+
+
+def failure(exc: OSError, upper: Upper, target: str, stats: Stats) -> str:
+    """What failed, naming the entry being archived when there was one."""
+    if stats.current is None:
+        return f"cannot write {target}: {exc.strerror or exc}"
+    entry = upper.path if stats.current == b"." else f"{upper.path}/{os.fsdecode(stats.current)}"
+    return f"cannot archive {entry} into {target}: {exc.strerror or exc}"
 
 
 @dataclass
@@ -1407,6 +2414,8 @@ def run(stdin: bytes, opts: Options) -> int:
     if not archives:
         log.info("no archive asked for", container=state.get("id"))
         return EXIT_OK
+    container_id = state.get("id")
+    info = RunInfo(container_id if isinstance(container_id, str) else None, time.gmtime())
     failed = 0
     for archive in archives:  # every archive is attempted, whatever the others did
         if archive.refused:
@@ -1414,7 +2423,7 @@ def run(stdin: bytes, opts: Options) -> int:
             log_refused(archive)
             continue
         try:
-            archive_one(archive, config.get("mounts"), opts)
+            archive_one(archive, config, state["bundle"], opts, info)
         except Exception as exc:  # noqa: BLE001 - one failure must not stop the others
             failed += 1
             log.error(
@@ -1451,9 +2460,19 @@ named by annotations {ANNOTATION_PREFIX}<NAME>.<arg>:
   archive-to         (required) absolute host path to write the archive to
   success            file created (empty) once the archive is complete
   method             copy (default, a directory) | tar | tar.gz | tar.zst |
-                     oci-layer | oci-layer+zstd (an OCI image layer + <archive-to>.json)
+                     oci-layer | oci-layer+zstd (an OCI image layer + <archive-to>.json) |
+                     oci-image | oci-image+zstd (a tagged revision in the OCI image
+                     layout archive-to)
   tar-content-owner  UID or UID:GID written as the owner of every tar entry
   compression-level  gzip: 0-3 (default 2), zstd: 1-22 (default 3)
+  exclude            absolute paths in the mount, ':' or ',' separated, left out
+  image-tag          oci-image: the ref name the new revision gets (required)
+  image-base         oci-image: the revision it goes on, a ref name or sha256
+                     digest (default: what image-tag names now)
+\b
+mount-point / means the container's root filesystem (config.json root.path).
+archive-to, success and image-tag may hold {{id}} (the container's id), {{name}}
+(the archive's NAME), {{time}} (UTC, e.g. 20261127T093015Z); {{{{ and }}}} are braces.
 \b
 An annotation that cannot be honoured (a misspelt method or arg, a bad owner
 or level, only one of mount-point and archive-to) fails its archive.
