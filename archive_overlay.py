@@ -300,6 +300,9 @@ def parse_exclude(value: str) -> frozenset[bytes]:
     return frozenset(excluded)
 
 
+UNKNOWN_ARG = "unknown archive argument"
+
+
 def apply_arg(archive: Archive, arg: str, value: str) -> str | None:
     """Set one arg of the archive; why its value cannot be honoured, or None."""
     if arg == "mount-point":
@@ -327,7 +330,7 @@ def apply_arg(archive: Archive, arg: str, value: str) -> str | None:
     elif arg == "image-base":
         archive.image_base = value
     elif arg:
-        return f"unknown archive argument {arg[:40]!r} (known: {', '.join(ARGS)})"
+        return f"{UNKNOWN_ARG} {arg[:40]!r}"
     else:
         return f"no argument after the archive name: {ANNOTATION_PREFIX}<NAME>.<arg>"
     return None
@@ -2438,11 +2441,14 @@ def run(stdin: bytes, opts: Options) -> int:
 
 def log_refused(archive: Archive) -> None:
     """One error line for an archive whose annotations cannot be honoured."""
+    reasons = [why for _, why in archive.refused]
+    if any(why.startswith(UNKNOWN_ARG) for why in reasons):
+        reasons.append(f"known arguments: {', '.join(ARGS)}")
     log.error(
         "archive failed",
         archive=archive.name,
         annotation=",".join(key for key, _ in archive.refused),
-        error="; ".join(why for _, why in archive.refused) + ": archive not written",
+        error="; ".join(reasons) + ": archive not written",
     )
 
 

@@ -8,8 +8,8 @@ and N is picked among the calls that touch the upperdir or a's destination
 (the first call of each distinct site, the upperdir's and the destination's in
 turn, and the last call), so Python's start-up and imports are never hit and
 the test keeps working when they change.  Counts are per syscall and per thread (strace counts per
-tracee); warnings logged before the archive work (a padding archive with
-unknown arguments) keep the main thread's Nth `write` away from the error line
+tracee); warnings logged before the archive work (padding annotations, outside
+the hook's prefix, whose values are not strings) keep the main thread's Nth `write` away from the error line
 when a compressor thread's Nth `write` is the target.
 
 Every faulted run must end with exit 1, exactly one `level=error` line, for
@@ -57,6 +57,7 @@ pytestmark = requires_root
 TMP_MARK = ".archive_overlay-tmp-"
 RUN_TIMEOUT = 30.0
 PADDING_WARNINGS = 16  # main-thread writes before the archive work (see the module's doc)
+PADDING = "key=pad-"  # what the padding warnings say
 MAX_PICKS = 4  # fault points per (method, scenario, kind)
 PARALLEL_RUNS = 2
 
@@ -207,7 +208,7 @@ class Run:
 def new_run(world: World, method: str, scenario: str) -> tuple[Run, str]:
     """A fresh run directory (same depth, same name length for every run) and its state."""
     run = Run(Path(tempfile.mkdtemp(prefix="run-", dir=world.runs)), method)
-    annotations = {f"{PREFIX}pad.x-{i:02}": "unknown" for i in range(PADDING_WARNINGS)}
+    annotations: dict = {f"pad-{i:02}": i for i in range(PADDING_WARNINGS)}  # each one warning
     for name, method_, archive_to in (("a", method, run.archive_a), ("b", "copy", run.archive_b)):
         annotations[f"{PREFIX}{name}.mount-point"] = "/data"
         annotations[f"{PREFIX}{name}.archive-to"] = str(archive_to)
@@ -317,7 +318,7 @@ def references(world: World, hook_bin: Path):
         result = run_under_strace(hook_bin, state, run.root / "trace", args)
         assert result.returncode == 0 and not result.timed_out, result.log
         unexpected = [line for line in result.log.splitlines()
-                      if "level=warning" in line and "archive=pad" not in line]  # fmt: skip
+                      if "level=warning" in line and PADDING not in line]  # fmt: skip
         assert not unexpected, result.log
         boundary = next(c.index for c in result.trace if "dest-b" in c.text)
         ref = Reference(result.trace, boundary, content(run.archive_a, method),
@@ -514,13 +515,13 @@ def check_fault(world: World, hook_bin: Path, ref: Reference, method: str, scena
     problems = outcome_problems(world, ref, run, kind, target, result, before)
     shutil.rmtree(run.root)
     notes = [line for line in result.log.splitlines() if "level=error" in line or (
-        "level=warning" in line and "archive=pad" not in line)]  # fmt: skip
+        "level=warning" in line and PADDING not in line)]  # fmt: skip
     if not problems:
         print(f"ok   exit {result.returncode} {what}", *notes, sep="\n  ")  # pytest -rA shows it
         return []
     report = f"FAIL {what}\n  " + "\n  ".join(problems + [f"exit {result.returncode}"] + notes)
     print(report)
-    log = [line for line in result.log.splitlines() if "archive=pad" not in line]
+    log = [line for line in result.log.splitlines() if PADDING not in line]
     return [report + "\n  log:\n" + "\n".join(log)]
 
 
