@@ -17,10 +17,16 @@ podman's own entries excluded) and `/vol`:
 Engines: podman rootful and rootless, native overlay and fuse-overlayfs; runc
 with an overlay rootfs mounted here. Quick checks of exclude and of the
 errors run on overlays mounted here.
+
+The commit-on-exit loop: the container's own image in an OCI layout, three
+runs, each committed by `oci-image` as the revision the next run starts from
+(podman rootful, rootless native and rootless fuse-overlayfs), and the
+README's worked example of it, run as written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -38,6 +44,8 @@ from engines import (
     FUSE_OVERLAYFS,
     TEST_USER,
     Podman,
+    User,
+    build_oci_image,
     ensure_fuse_device,
     ensure_user,
     remove_tree,
@@ -46,7 +54,19 @@ from engines import (
     runc_config,
     scratch_dir,
 )
-from test_archive import read_members, snapshot
+from test_archive import raw_member_names, read_members, snapshot
+from test_oci_image import (
+    RUN_CHANGES,
+    RUNS,
+    assert_run_changes,
+    check_layout,
+    read_json_blob,
+    tagged,
+    user_tool,
+    write_loop_data,
+    written_manifest,
+)
+from test_oci_image import blob as layout_blob
 from test_oci_layer import (
     HOST_PATH,
     Tree,
@@ -58,6 +78,7 @@ from test_oci_layer import (
     require_tools,
     unpack_stacked,
 )
+from test_safety import HookRun
 
 # What podman 4.3 puts into every container's rootfs upperdir (measured, see
 # test_podman_root_filesystem): bind-mount targets and /etc/mtab.
@@ -386,6 +407,130 @@ def check_in_podman(podman: Podman, layout: Path, expected: Tree, diag: str) -> 
                   "sh", "-c", ROOT_LISTING, "sh", "/")  # fmt: skip
     got = without(parse_listing(proc.stdout), PODMAN_EXCLUDE)
     assert_same_tree(expected, got, f"podman's {image}", diag)
+
+
+# --- the commit-on-exit loop: each run a revision of the container's own image ----------------
+
+# The list the README gives a podman user for `/` (no volumes here).
+README_EXCLUDE = (*PODMAN_MADE, *MOUNT_POINTS)
+APP = "app"  # the image's tag in its layout, moved onto each new revision
+# `sh -c ROOT_LOOP sh / N`: the root listing, run N's changes (test_oci_image's, at the root, and
+# /etc/motd: a directory where podman puts its own entries), the root listing again.
+ROOT_LOOP = (ROOT_LISTING + "echo '#####'\n" + RUN_CHANGES
+             + 'echo "run $2" >> /etc/motd || exit 4\n' + ROOT_LISTING)  # fmt: skip
+
+LOOP_SCENARIOS = [
+    Scenario("rootful-native", "lrf"),
+    Scenario("rootless-native", "lln", rootless=True),
+    Scenario("rootless-fuse", "llx", rootless=True, fuse=True),
+]
+
+
+@pytest.fixture(scope="module")
+def app_image() -> Iterator[Path]:
+    """A world-reachable dir with an OCI layout `oci` holding `app`: busybox, getfattr, and
+    at its root the files the loop changes."""
+    require_tools("podman", "runc")
+    base = scratch_dir("ao-rc-")
+    base.chmod(0o755)
+    try:
+        rootfs = write_loop_data(build_tools_rootfs(base / "rootfs"))
+        build_oci_image(base / "oci", APP, rootfs)
+        yield base
+    finally:
+        remove_tree(base)
+
+
+def scenario_user(scenario: Scenario) -> User | None:
+    """The rootless user, with what its scenario needs; None for rootful."""
+    if scenario.rootless:
+        require_tools("runuser", "newuidmap", "newgidmap")
+    if scenario.fuse:
+        require(Path(FUSE_OVERLAYFS).exists() and Path("/dev/fuse").exists(), "no fuse-overlayfs")
+        ensure_fuse_device()
+    return ensure_user(TEST_USER) if scenario.rootless else None
+
+
+@pytest.mark.parametrize("scenario", LOOP_SCENARIOS, ids=lambda s: s.name)
+def test_podman_commit_on_exit_loop(scenario: Scenario, app_image: Path, hook_bin: Path) -> None:
+    """Three runs of the container's own image, with no image mount: each commits its root
+    filesystem as a revision of that image, and the next run starts from it."""
+    user = scenario_user(scenario)
+    root = app_image / scenario.key
+    podman = Podman(root, user=user, fuse=scenario.fuse)
+    revs, log = root / "revs", root / "hook.log"
+    layout = revs / APP
+    try:
+        podman.setup()
+        shutil.copytree(app_image / "oci", layout)  # revision 0: the image as built
+        if user is not None:
+            run(["chown", "-R", f"{user.uid}:{user.gid}", str(revs)])
+        podman.install_hook(hook_bin, log, allow_dir=revs)
+        views: list[Tree] = []
+        for n in range(1, RUNS + 1):
+            views.append(commit_on_exit(podman, layout, log, n, views, scenario))
+        podman.load(f"oci:{layout}:{APP}", "localhost/app:final")
+        proc = podman("run", "--rm", "--network", "none", "--pull", "never",
+                      "localhost/app:final", "sh", "-c", ROOT_LISTING, "sh", "/")  # fmt: skip
+        got = without(parse_listing(proc.stdout), README_EXCLUDE)
+        assert_same_tree(views[-1], got, f"[{scenario.name}] a container of revision {RUNS}")
+    finally:
+        podman.teardown()
+
+
+def commit_on_exit(podman: Podman, layout: Path, log: Path, n: int, views: list[Tree],
+                   scenario: Scenario) -> Tree:  # fmt: skip
+    """Run n: the container of the revision tagged `app` changes its root filesystem; the
+    hook commits it. The container's view after its changes is returned."""
+    pinned = user_tool(podman, "skopeo", "inspect", "--format", "{{.Digest}}",
+                       f"oci:{layout}:{APP}").stdout.strip()  # fmt: skip
+    image = f"localhost/app:in{n}"
+    podman.load(f"oci:{layout}:{APP}", image)
+    zstd = n == 2  # the second revision's layer is zstd
+    annotations = archive_annotations(
+        "root", mount_point="/", archive_to=str(layout), image_tag=APP, image_base=pinned,
+        method="oci-image+zstd" if zstd else "oci-image", exclude=":".join(README_EXCLUDE),
+    )  # fmt: skip
+    logged = len(read_log(log)) if log.exists() else 0
+    flags = [f for key, value in annotations.items() for f in annotation_flags(key, value, False)]
+    proc = podman("run", "--rm", "--network", "none", "--pull", "never", *flags, image,
+                  "sh", "-c", ROOT_LOOP, "sh", "/", str(n), check=False)  # fmt: skip
+    hook_log = read_log(log)[logged:]
+    diag = (f"\n[{scenario.name} run {n}] podman exit {proc.returncode}, stderr:\n"
+            f"{proc.stderr}--- hook log:\n{hook_log}")  # fmt: skip
+    assert proc.returncode == 0, diag
+    before_text, _, after_text = proc.stdout.partition("#####\n")
+    before = without(parse_listing(before_text), README_EXCLUDE)
+    after = without(parse_listing(after_text), README_EXCLUDE)
+    if views:  # the container started from exactly what the last one left
+        assert_same_tree(views[-1], before, f"run {n}'s root before its changes", diag)
+    assert_run_changes(after, n, diag)
+    motd = "".join(f"run {i}\n" for i in range(1, n + 1)).encode()
+    assert after.items["etc/motd"].content == hashlib.sha256(motd).hexdigest(), diag
+    # The revision: on the pinned one, the tag moved onto it, its layer the changes only.
+    index = check_layout(layout)
+    digest = written_manifest(HookRun(0, hook_log), "root")
+    assert tagged(index, APP) == [digest], diag
+    manifest = read_json_blob(layout, digest)
+    assert manifest["annotations"]["org.opencontainers.image.base.digest"] == pinned, diag
+    assert len(manifest["layers"]) == n + 1, diag
+    layer = manifest["layers"][-1]
+    assert layer["mediaType"].endswith("+zstd" if zstd else "+gzip"), diag
+    check_layer_paths(layout_blob(layout, layer["digest"]), zstd, n, diag)
+    return after
+
+
+def check_layer_paths(layer: Path, zstd: bool, n: int, diag: str) -> None:
+    """Run n's layer: its changes and the directories holding them, nothing podman made."""
+    names = raw_member_names(layer, "tar.zst" if zstd else "tar.gz")
+    paths = {name.removeprefix("./").rstrip("/") or "." for name in names}
+    # fuse-overlayfs marks each directory it creates opaque (/run in run 1, redo/sub)
+    markers = {p for p in paths if p.endswith("/.wh..wh..opq") and p != "redo/.wh..wh..opq"}
+    changes = {".", f"added-{n}.txt", "changing.txt", f".wh.doomed-{n}.txt", "redo",
+               "redo/.wh..wh..opq", "redo/sub", f"redo/sub/r-{n}.txt", "etc", "etc/motd",
+               "run"}  # fmt: skip
+    assert paths - markers == changes, f"layer of run {n}: {sorted(paths)}{diag}"
+    assert markers <= {"run/.wh..wh..opq", "redo/sub/.wh..wh..opq"}, f"{sorted(markers)}{diag}"
 
 
 # --- runc, with an overlay rootfs mounted here ------------------------------------------------
