@@ -39,13 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import archive_annotations, is_root, state_json, write_bundle
+from conftest import REPO, archive_annotations, is_root, state_json, write_bundle
 from engines import (
     FUSE_OVERLAYFS,
     TEST_USER,
     Podman,
     User,
     build_oci_image,
+    build_rootfs,
     ensure_fuse_device,
     ensure_user,
     remove_tree,
@@ -548,6 +549,44 @@ def check_layer_paths(layer: Path, zstd: bool, n: int, excluded: bool, diag: str
         changes -= {"run"}
     assert paths - markers == changes, f"layer of run {n}: {sorted(paths)}{diag}"
     assert markers <= {"run/.wh..wh..opq", "redo/sub/.wh..wh..opq"}, f"{sorted(markers)}{diag}"
+
+
+def test_readme_commit_on_exit_loop(hook_bin: Path) -> None:
+    """The README's commit-on-exit loop block, run by bash as written, with rootful podman set
+    up as the README says (the hook in a hooks dir, --allow-dir /srv/revisions), in a private
+    mount namespace with a fresh tmpfs on /srv, and on /var/lib: rootful `podman pull oci:…`
+    and `skopeo copy containers-storage:…` write /var/lib/containers/cache (so the image is
+    pulled in there too)."""
+    require_tools("podman", "runc", "skopeo", "jq", "unshare")
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("**The commit-on-exit loop.**", 1)[1]
+    script = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    base = scratch_dir("ao-rr-")
+    base.chmod(0o755)
+    podman = Podman(base / "p")
+    try:
+        podman.setup()
+        podman.install_hook(hook_bin, base / "hook.log", allow_dir=Path("/srv/revisions"))
+        build_oci_image(base / "img", "bb", build_rootfs(base / "rootfs"))
+        env = podman.env() | {"IMAGE": "localhost/readme-bb", "BB": f"oci:{base / 'img'}:bb"}
+        in_namespace = (
+            "mount -t tmpfs tmpfs /srv && mount -t tmpfs tmpfs /var/lib && "
+            'podman tag $(podman pull -q "$BB") $IMAGE && exec bash -e -c "$0"'
+        )
+        proc = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", in_namespace,
+                    script], env=env, check=False)  # fmt: skip
+        diag = (
+            f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n{read_log(base / 'hook.log')}"
+        )
+    finally:
+        podman.teardown()
+        remove_tree(base)
+    assert proc.returncode == 0, diag
+    lines = proc.stdout.splitlines()
+    assert lines[-3:] == ["run 1", "run 2", "run 3"], diag
+    comment = re.compile(r"container [0-9a-f]{64} archive root")
+    assert all(comment.fullmatch(line) for line in lines[-6:-3]), diag  # one per run
+    assert len([line for line in lines if comment.fullmatch(line)]) == 3, diag
 
 
 # --- runc, with an overlay rootfs mounted here ------------------------------------------------
