@@ -20,7 +20,7 @@ errors run on overlays mounted here.
 
 The commit-on-exit loop: the container's own image in an OCI layout, three
 runs, each committed by `oci-image` as the revision the next run starts from
-(podman rootful, rootless native and rootless fuse-overlayfs), and the
+(podman rootful and rootless, native overlay and fuse-overlayfs), and the
 README's worked example of it, run as written.
 """
 
@@ -423,6 +423,7 @@ ROOT_LOOP = (ROOT_LISTING + "echo '#####'\n" + RUN_CHANGES
 
 LOOP_SCENARIOS = [
     Scenario("rootful-native", "lrf"),
+    Scenario("rootful-fuse", "lrx", fuse=True),
     Scenario("rootless-native", "lln", rootless=True),
     Scenario("rootless-fuse", "llx", rootless=True, fuse=True),
     Scenario("rootful-native-no-exclude", "lre", exclude=False),
