@@ -119,6 +119,10 @@ class HookRun:
     def path(self, method: str) -> Path:
         return self.out / f"a.{SUFFIXES[method]}"
 
+    def expect_exit(self, status: int) -> None:
+        if self.proc.returncode != status:
+            pytest.fail(f"expected exit {status}{self.diag}", pytrace=False)
+
     def lines(self, level: str) -> list[str]:
         return [line for line in self.stderr.splitlines() if f"level={level}" in line]
 
@@ -420,7 +424,7 @@ def xattr_case(request, hook_bin, tmp_path_factory):
 
 def test_overlay_xattrs_of_the_container_leave_the_layer_with_a_warning(xattr_case):
     case, mnt, _, result = xattr_case
-    assert result.proc.returncode == 0, result.diag
+    result.expect_exit(0)
     upper = snapshot(mnt.upper)
     stored = {d: [n for n in upper[d]["xattrs"] if OVERLAY_XATTR.match(n)] for d, _ in case.sets}
     assert all(stored.values()), f"the container's xattrs are not in the upperdir: {upper}"
@@ -439,7 +443,7 @@ def test_overlay_xattrs_of_the_container_leave_the_layer_with_a_warning(xattr_ca
 
 def test_overlay_xattrs_of_the_container_stay_raw_in_copy_and_tar(xattr_case):
     _, mnt, work, result = xattr_case
-    assert result.proc.returncode == 0, result.diag
+    result.expect_exit(0)
     upper = snapshot(mnt.upper)
     assert_same_tree(upper, snapshot(result.path("copy")), "copy", result.diag)
     for method in TAR_METHODS:
@@ -451,7 +455,7 @@ def test_overlay_xattrs_of_the_container_stay_raw_in_copy_and_tar(xattr_case):
 def test_layer_with_container_overlay_xattrs_applies_without_opaque_dirs(xattr_case, images):
     """umoci and podman apply base + layer: the image's files under the dirs stay."""
     case, mnt, work, result = xattr_case
-    assert result.proc.returncode == 0, result.diag
+    result.expect_exit(0)
     layout, tag = images.stack(mnt.lower, result.path("oci-layer"), "changed")
     wanted = [f"{d}/from-image.txt" for d, _ in case.sets] + [f"{d}/new.txt" for d, _ in case.sets]
     rootfs = images.umoci_rootfs(layout, tag, work)
@@ -475,7 +479,7 @@ def test_opaque_upperdir_root_is_never_a_layer_marker(userxattr, hook_bin, tmp_p
         assert (merged / "top.txt").exists(), "the kernel made the root opaque?"
         (merged / "new.txt").write_text("new\n")
     result = run_all(hook_bin, tmp_path, mnt, methods=LAYER_METHODS)
-    assert result.proc.returncode == 0, result.diag
+    result.expect_exit(0)
     for method in LAYER_METHODS:
         names = [m.name for m in tar_members(result.path(method))]
         assert not [n for n in names if n.endswith(".wh..wh..opq")], f"{method}: {names}"
@@ -509,7 +513,7 @@ def test_wh_names_fail_the_layer_and_stay_plain_files_elsewhere(case, hook_bin, 
     with mnt.mounted() as merged:
         subprocess.run(["sh", "-c", script], cwd=merged, check=True)
     result = run_all(hook_bin, tmp_path, mnt)
-    assert result.proc.returncode == 1, result.diag
+    result.expect_exit(1)
     errors = result.lines("error")
     for method in LAYER_METHODS:
         assert not result.path(method).exists(), f"{method} written{result.diag}"
@@ -573,7 +577,7 @@ def test_copy_ignores_the_destination_defaults(parent, hook_bin, tmp_path):
         subprocess.run(["setfacl", "-d", "-m", "u:4321:rwx,g:8765:rwx,o::rwx,m::rwx", str(out)],
                        check=True)  # fmt: skip
     result = run_all(hook_bin, tmp_path, mnt, methods=("copy",), out=out)
-    assert result.proc.returncode == 0, result.diag
+    result.expect_exit(0)
     copy = result.path("copy")
     assert_same_tree(snapshot(mnt.upper), snapshot(copy), f"copy under a {parent} parent",
                      result.diag)  # fmt: skip
@@ -617,7 +621,7 @@ def odd_xattrs(hook_bin, tmp_path_factory):
 
 def test_odd_xattr_names_every_tar_method_works(odd_xattrs):
     _mnt, _, result = odd_xattrs
-    assert result.proc.returncode == 0, result.diag
+    result.expect_exit(0)
     for method in result.methods:
         by_name = {m.name: m for m in tar_members(result.path(method))}
         for name, value in ODD_XATTRS.items():
@@ -679,7 +683,7 @@ def old_mtimes(hook_bin, tmp_path_factory):
 
 def test_old_mtimes_as_written_in_the_upperdir(old_mtimes):
     mnt, _, result = old_mtimes
-    assert result.proc.returncode == 0, result.diag
+    result.expect_exit(0)
     for name, ns in MTIMES.items():
         assert os.lstat(mnt.upper / name).st_mtime_ns == ns, name
 
@@ -762,7 +766,7 @@ READERS = {
 @pytest.mark.parametrize("method", TAR_METHODS)
 def test_acls_restored(acls, method, reader):
     mnt, work, result = acls
-    assert result.proc.returncode == 0, result.diag
+    result.expect_exit(0)
     expected = getfacl(mnt.upper)
     assert "user:1234:rw-" in expected and "default:group:5678:r-x" in expected, expected
     extract, flags = READERS[reader]
@@ -812,7 +816,7 @@ def test_copy_warns_about_refused_xattrs_of_files(dest, hook_bin, tmp_path):
         else:
             stack.enter_context(mounted_fs(out, "-t", "ramfs", "ramfs"))
         result = run_all(hook_bin, tmp_path, mnt, methods=("copy",), out=out)
-        assert result.proc.returncode == 0, result.diag
+        result.expect_exit(0)
         copy = result.path("copy")
         assert (copy / "big-xattr").read_text() == "content\n"
         assert (copy / "dir" / "inside").read_text() == "inside\n"
@@ -865,7 +869,7 @@ def deep_tree(hook_bin, tmp_path_factory):
 
 def test_deep_tree_every_method_works(deep_tree):
     _mnt, _, result = deep_tree
-    assert result.proc.returncode == 0, result.diag
+    result.expect_exit(0)
     assert sorted(os.listdir(result.out)) == sorted(
         [f"a.{SUFFIXES[m]}" for m in ALL_METHODS] + [f"a.{SUFFIXES[m]}.json" for m in LAYER_METHODS]
     )
@@ -945,7 +949,7 @@ def sparse(hook_bin, tmp_path_factory):
 
 def test_sparse_every_method_fits_a_small_tmpfs(sparse):
     _, _, result = sparse
-    assert result.proc.returncode == 0, result.diag
+    result.expect_exit(0)
 
 
 def test_sparse_copy_keeps_holes(sparse):
@@ -1059,7 +1063,7 @@ def test_sockets_kept_in_copy_skipped_with_a_warning_in_tar(hook_bin, tmp_path):
         os.chown(merged / "sock", 1234, 5678)
         (merged / "file").write_text("x")
     result = run_all(hook_bin, tmp_path, mnt)
-    assert result.proc.returncode == 0, result.diag
+    result.expect_exit(0)
     assert_same_tree(snapshot(mnt.upper), snapshot(result.path("copy")), "copy", result.diag)
     assert stat.S_ISSOCK(os.lstat(result.path("copy") / "sock").st_mode)
     for method in (*TAR_METHODS, *LAYER_METHODS):
@@ -1082,7 +1086,7 @@ def test_destination_full_names_the_entry_and_real_paths(method, hook_bin, tmp_p
         (merged / "big").write_bytes(os.urandom(3 << 20))
     with mounted_fs(tmp_path / "out", "-t", "tmpfs", "-o", "size=1m", "tmpfs") as out:
         result = run_all(hook_bin, tmp_path, mnt, methods=(method,), out=out)
-        assert result.proc.returncode == 1, result.diag
+        result.expect_exit(1)
         assert os.listdir(out) == [], f"left: {os.listdir(out)}"
     errors = result.lines("error")
     assert len(errors) == 1, result.diag
