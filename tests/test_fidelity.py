@@ -868,6 +868,8 @@ def deep_tree(hook_bin, tmp_path_factory):
 
 
 def test_deep_tree_every_method_works(deep_tree):
+    """oci-layer too, though umoci 0.4.7 and podman 4.3 (containers-storage) both fail to
+    apply such a layer ("file name too long"), as they fail on GNU tar's own."""
     _mnt, _, result = deep_tree
     result.expect_exit(0)
     assert sorted(os.listdir(result.out)) == sorted(
@@ -910,19 +912,21 @@ def test_deep_tree_through_bsdtar(deep_tree):
                      keys=("type", "mode", "content", "target"))  # fmt: skip
 
 
-def test_deep_tree_layer_through_umoci(deep_tree, images):
-    mnt, work, result = deep_tree
-    layout, tag = images.stack(mnt.lower, result.path("oci-layer"), "deep")
-    rootfs = images.umoci_rootfs(layout, tag, work)
-    got = snapshot(rootfs)
-    want = snapshot(mnt.upper)
-    assert_same_tree(want, got, "umoci unpack", result.diag, keys=("type", "content", "target"))
-
-
 # --- 11. sparse files ---------------------------------------------------------------------------
 
 
 SPARSE_DATA = {0: 4096, GIB: 8192, 2 * GIB - 8192: 8192}  # offset: length: 20 KiB in 2 GiB
+SPARSE_METHODS = ("copy", *TAR_METHODS, "oci-layer")
+
+
+def write_sparse(path: Path, size: int, data: dict[int, int]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.truncate(fd, size)
+        for offset, length in data.items():
+            os.pwrite(fd, os.urandom(length), offset)
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(scope="module")
@@ -932,18 +936,11 @@ def sparse(hook_bin, tmp_path_factory):
     with mounted_fs(work / "t", "-t", "tmpfs", "-o", "size=200m", "tmpfs") as t:
         mnt = Mount(t / "m")
         with mnt.mounted() as merged:
-            fd = os.open(merged / "sparse.bin", os.O_WRONLY | os.O_CREAT, 0o644)
-            os.truncate(fd, 2 * GIB)
-            for offset, length in SPARSE_DATA.items():
-                os.pwrite(fd, os.urandom(length), offset)
-            os.close(fd)
-            with open(merged / "hole-only", "wb") as f:
-                f.truncate(GIB)
-            with open(merged / "tail-hole", "wb") as f:
-                f.write(b"head" * 1024)
-                f.truncate(64 << 20)
+            write_sparse(merged / "sparse.bin", 2 * GIB, SPARSE_DATA)
+            write_sparse(merged / "hole-only", GIB, {})
+            write_sparse(merged / "tail-hole", 64 << 20, {0: 4096})
             (merged / "dense").write_bytes(os.urandom(10000))
-        result = run_all(hook_bin, work, mnt, out=t / "out")
+        result = run_all(hook_bin, work, mnt, methods=SPARSE_METHODS, out=t / "out")
         yield mnt, work, result
 
 
@@ -990,17 +987,30 @@ def test_sparse_tar_extracts_equal_and_sparse(sparse, method, reader):
         remove_tree(into)
 
 
-def test_sparse_layer_content_after_apply(sparse, images):
+@pytest.fixture(scope="module")
+def sparse_layer(hook_bin, tmp_path_factory):
+    """A smaller sparse file for the appliers: umoci and podman write it dense (measured:
+    both read PAX sparse 1.0 right, and a 2 GiB file costs a minute)."""
+    work = tmp_path_factory.mktemp("sparse-layer")
+    mnt = Mount(work / "m")
+    (mnt.lower / "image.txt").write_text("image\n")
+    with mnt.mounted() as merged:
+        write_sparse(
+            merged / "sparse.bin", 64 << 20, {0: 4096, 32 << 20: 8192, (64 << 20) - 8192: 8192}
+        )
+        write_sparse(merged / "hole-only", 16 << 20, {})
+    return mnt, work, run_all(hook_bin, work, mnt, methods=LAYER_METHODS)
+
+
+def test_sparse_layer_content_after_apply(sparse_layer, images):
     """Whatever oci-layer writes for a sparse file, umoci and podman get its content."""
-    mnt, work, result = sparse
-    want = snapshot(mnt.upper)
+    mnt, work, result = sparse_layer
+    result.expect_exit(0)
+    want = {k: v for k, v in snapshot(mnt.upper).items() if k != "."}
     layout, tag = images.stack(mnt.lower, result.path("oci-layer"), "sparse")
     rootfs = images.umoci_rootfs(layout, tag, work)
-    try:
-        assert_same_tree(want, snapshot(rootfs), "umoci unpack", result.diag,
-                         keys=("type", "mode", "content"))  # fmt: skip
-    finally:
-        remove_tree(rootfs.parent)
+    got = {k: v for k, v in snapshot(rootfs).items() if k in want}
+    assert_same_tree(want, got, "umoci unpack", result.diag, keys=("type", "mode", "content"))
     with images.podman_rootfs(layout, tag) as rootfs:
         got = {k: v for k, v in snapshot(rootfs).items() if k in want}
         assert_same_tree(want, got, "podman", result.diag, keys=("type", "mode", "content"))
