@@ -153,11 +153,22 @@ def is_socket(path: str) -> bool:
 
 
 def describe(exc: BaseException) -> str:
-    """A one-line cause for a log record, without a traceback."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f": {os.fsdecode(exc.filename)}" if exc.filename is not None else ""
-        return f"{exc.strerror}{where}"
-    return str(exc) or type(exc).__name__
+    """A one-line cause for a log record, without a traceback; never raises."""
+    try:
+        if isinstance(exc, OSError) and exc.strerror:
+            names = [shown_name(n) for n in (exc.filename, exc.filename2) if n is not None]
+            return ": ".join([exc.strerror, *[n for n in names if n]])
+        return str(exc) or type(exc).__name__
+    except Exception:  # noqa: BLE001 - a message must never become a traceback
+        return type(exc).__name__
+
+
+def shown_name(name: object) -> str:
+    """A path an OSError carries, as a log can show it: never an fd or a /proc/self/fd path."""
+    if isinstance(name, (str, bytes)):
+        text = os.fsdecode(name)
+        return "" if text.startswith("/proc/self/fd/") else text
+    return ""
 
 
 # ---------------------------------------------------------------------------
@@ -331,6 +342,7 @@ class Upper:
 
     path: str
     marker_prefixes: tuple[str, ...]  # e.g. ("trusted.overlay.",)
+    fuse: bool = False  # fuse-overlayfs: its .wh.* files are markers too
 
     def marker(self, xattr: str) -> str | None:
         """The overlay marker an xattr is ("opaque", "redirect", ...), None for user data.
@@ -370,7 +382,7 @@ def upper_from_options(options: list[str], fuse: bool) -> Upper | None:
         prefixes = ("user.overlay.",)
     else:
         prefixes = ("trusted.overlay.",)
-    return Upper(opts["upperdir"], prefixes)
+    return Upper(opts["upperdir"], prefixes, fuse)
 
 
 def find_mount(mounts: object, mount_point: str) -> dict:
@@ -490,13 +502,29 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_WHITEOUT = b".wh..wh..opq"
 
 
-@dataclass
 class Entry:
-    __slots__ = ("path", "rel", "st", "xattrs")  # one per upperdir entry: keep it light
-    rel: bytes  # b"." for the root, else b"dir/name"
-    path: bytes  # where to read it
-    st: os.stat_result
-    xattrs: dict[str, bytes]
+    """One entry of the upperdir, read where it lies: by name in its open parent directory.
+
+    Working relative to directory fds means only a name's length, never the
+    depth of a path, limits what can be archived (a container may nest
+    directories past PATH_MAX).
+    """
+
+    __slots__ = ("depth", "dir_fd", "name", "rel", "st", "xattrs")  # one per entry: keep it light
+
+    def __init__(self, rel: bytes, dir_fd: int, name: bytes, st: os.stat_result,
+                 xattrs: dict[str, bytes], depth: int) -> None:  # fmt: skip
+        self.rel = rel  # b"." for the root, else b"dir/name"
+        self.dir_fd = dir_fd  # the open directory holding it (the root: the upperdir itself)
+        self.name = name  # its name there (the root: b".")
+        self.st = st
+        self.xattrs = xattrs
+        self.depth = depth  # 0 for the root, 1 for its children, ...
+
+    @property
+    def path(self) -> bytes:
+        """A short path to the entry however deep it lies; never followed past the entry."""
+        return b"/proc/self/fd/%d/%s" % (self.dir_fd, self.name)
 
     @property
     def is_whiteout(self) -> bool:
@@ -520,36 +548,77 @@ def read_xattrs(path: bytes) -> dict[str, bytes]:
     return values
 
 
-def list_dir(path: bytes, rel_dir: bytes) -> Iterator[Entry]:
-    """A directory's entries, sorted by name: archives of the same tree come out the same."""
-    for name in sorted(os.listdir(path)):
-        child = path + b"/" + name
-        yield Entry(rel_dir + name, child, os.lstat(child), read_xattrs(child))
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def sorted_names(dir_fd: int) -> Iterator[bytes]:
+    """A directory's names, sorted: archives of the same tree come out the same."""
+    return iter(sorted(os.fsencode(n) for n in os.listdir(dir_fd)))
+
+
+def read_entry(upper: Upper, dir_fd: int, name: bytes, rel: bytes, depth: int) -> Entry:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    entry = Entry(rel, dir_fd, name, st, {}, depth)
+    entry.xattrs = read_xattrs(entry.path)
+    if entry.xattrs:
+        check_representable(entry, upper)
+    return entry
 
 
 def walk(upper: Upper) -> Iterator[Entry]:
-    """Every entry of the upperdir, depth first, each directory before its children."""
-    top = os.fsencode(upper.path)
+    """Every entry of the upperdir, depth first, each directory before its children.
+
+    One directory fd is open per level: each entry is read (and must be used
+    by the caller) before the walk moves on.
+    """
     try:
-        st = os.lstat(top)
+        top = os.open(upper.path, DIR_FLAGS)
     except OSError as exc:
-        raise ArchiveError(f"cannot read upperdir: {describe(exc)}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ArchiveError(f"upperdir {upper.path} is not a directory")
-    root = Entry(b".", top, st, read_xattrs(top))
-    check_representable(root, upper)
-    yield root
-    stack = [list_dir(top, b"")]  # an explicit stack: a container may nest dirs deeply
-    while stack:
-        entry = next(stack[-1], None)
-        if entry is None:
-            stack.pop()
-            continue
-        if entry.xattrs:
-            check_representable(entry, upper)
-        yield entry
-        if stat.S_ISDIR(entry.st.st_mode):
-            stack.append(list_dir(entry.path, entry.rel + b"/"))
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise ArchiveError(f"upperdir {upper.path} is not a directory") from None
+        raise ArchiveError(f"cannot read upperdir {upper.path}: {exc.strerror}") from None
+    raise_open_file_limit()
+    stack: list[tuple[int, bytes, Iterator[bytes]]] = []  # a container may nest dirs deeply
+    rel = b"."
+    try:
+        try:
+            root = read_entry(upper, top, b".", rel, 0)
+            stack.append((top, b"", sorted_names(top)))
+        except BaseException:
+            os.close(top)
+            raise
+        yield root
+        while stack:
+            fd, prefix, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                os.close(fd)
+                continue
+            rel = prefix + name
+            entry = read_entry(upper, fd, name, rel, len(stack))
+            yield entry
+            if stat.S_ISDIR(entry.st.st_mode):
+                rel = entry.rel
+                child = os.open(name, DIR_FLAGS, dir_fd=fd)
+                stack.append((child, rel + b"/", sorted_names(child)))
+    except OSError as exc:
+        where = upper.path if rel == b"." else f"{upper.path}/{os.fsdecode(rel)}"
+        raise ArchiveError(f"cannot read {where}: {exc.strerror}") from None
+    finally:
+        for fd, _, _ in stack:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def raise_open_file_limit() -> None:
+    """The walk holds a directory fd per level: allow as many as the hard limit does."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def check_representable(entry: Entry, upper: Upper) -> None:
@@ -564,7 +633,8 @@ def check_representable(entry: Entry, upper: Upper) -> None:
 
 def open_source(entry: Entry) -> int:
     """Open a regular file of the upperdir: never through a symlink, never a FIFO."""
-    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(entry.name, flags, dir_fd=entry.dir_fd)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size != entry.st.st_size:
         os.close(fd)
@@ -748,10 +818,9 @@ class Destination:
 
     def make_temp_dir(self) -> int:
         os.mkdir(self.tmp_name, 0o700, dir_fd=self.dir_fd)
-        return self._lock(
-            os.open(self.tmp_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=self.dir_fd)
-        )  # fmt: skip
+        fd = self._lock(os.open(self.tmp_name, DIR_FLAGS, dir_fd=self.dir_fd))
+        clear_inherited(fd)
+        return fd
 
     def make_temp_file(self) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -787,6 +856,20 @@ class Destination:
             raise ArchiveError(f"archive-to {self.path} exists and is not a directory")
         if not is_dir and stat.S_ISDIR(old.st_mode):
             raise ArchiveError(f"archive-to {self.path} exists and is a directory")
+
+
+def clear_inherited(fd: int) -> None:
+    """A new directory takes a setgid parent's group and setgid bit, and its default
+    ACL (which would reach every entry made inside): drop them, so the copy holds
+    only what the upperdir holds."""
+    for name in ("system.posix_acl_default", "system.posix_acl_access"):
+        try:
+            os.removexattr(fd, name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+    os.fchown(fd, -1, creator()[1])
+    os.fchmod(fd, 0o700)
 
 
 def write_file_at(dir_fd: int, name: str, data: bytes, shown_dir: str) -> None:
@@ -840,16 +923,27 @@ class Stats:
     bytes: int = 0  # file data read from the upperdir
     archive_bytes: int = 0  # what the archive file holds (tar methods)
     descriptor: dict | None = None  # oci-layer: what <archive-to>.json says
+    current: bytes | None = None  # the entry being written: errors name it
+    xattrs_not_kept: int = 0  # copy: xattrs the destination refused
+
+
+XATTR_REFUSED = {
+    errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E2BIG, errno.ERANGE,
+    errno.EDQUOT,
+}  # fmt: skip
 
 
 class XattrWriter:
-    """Sets xattrs on the destination; a namespace it refuses is warned about once."""
+    """Sets xattrs on the destination.  One the destination refuses (unsupported
+    namespace, too large, not permitted) is not kept, as `cp -a` and `tar -x` do:
+    the first refusal of each kind is warned about, naming the entry; the rest counted."""
 
-    def __init__(self, archive: str) -> None:
+    def __init__(self, archive: str, stats: Stats) -> None:
         self.archive = archive
-        self.refused: set[str] = set()
+        self.stats = stats
+        self.refused: set[tuple[str, int]] = set()
 
-    def set_all(self, target: bytes | int, xattrs: dict[str, bytes]) -> None:
+    def set_all(self, target: bytes | int, xattrs: dict[str, bytes], rel: bytes) -> None:
         for name, value in xattrs.items():
             try:
                 if isinstance(target, int):
@@ -857,129 +951,248 @@ class XattrWriter:
                 else:
                     os.setxattr(target, name, value, follow_symlinks=False)
             except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                if exc.errno not in XATTR_REFUSED:
                     raise
-                namespace = name.partition(".")[0]
-                if namespace not in self.refused:
-                    self.refused.add(namespace)
+                self.stats.xattrs_not_kept += 1
+                kind = (name.partition(".")[0], exc.errno)
+                if kind not in self.refused:
+                    self.refused.add(kind)
                     log.warning(
-                        "destination refuses xattrs: not kept",
+                        "destination refuses an xattr: not kept (further refusals of this "
+                        "kind are counted in xattrs_not_kept)",
                         archive=self.archive,
-                        namespace=namespace,
-                        error=describe(exc),
+                        entry=os.fsdecode(rel),
+                        xattr=name,
+                        error=exc.strerror,
                     )
 
 
-def copy_data(src: int, dst: int, size: int, can_clone: list[bool]) -> None:
-    """Kernel-side copy: a reflink where the filesystem has them, else copy_file_range."""
+class Hardlinks:
+    """The first archived path of each hardlinked inode, until all its links are seen:
+    memory grows with the inodes whose links are still to come, not with the upperdir."""
+
+    def __init__(self) -> None:
+        self.pending: dict[tuple[int, int], list] = {}
+
+    def first_link(self, st: os.stat_result, path: bytes) -> bytes | None:
+        """None for the first link (path is remembered), else the first link's path."""
+        key = (st.st_dev, st.st_ino)
+        seen = self.pending.get(key)
+        if seen is None:
+            self.pending[key] = [path, st.st_nlink - 1]
+            return None
+        seen[1] -= 1
+        if seen[1] <= 0:
+            del self.pending[key]
+        return seen[0]
+
+
+def is_hardlink(entry: Entry) -> bool:
+    """A link worth keeping as such; the kernel makes all whiteouts one inode."""
+    st = entry.st
+    return st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and not entry.is_whiteout
+
+
+def is_sparse(st: os.stat_result) -> bool:
+    return st.st_blocks * 512 < st.st_size
+
+
+def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of each stretch of data in a file with holes, in order."""
+    segments, offset = [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: only a hole is left
+                raise
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        segments.append((start, end - start))
+        offset = end
+    return segments
+
+
+def copy_data(src: int, dst: int, size: int, can_clone: list[bool], sparse: bool = False) -> None:
+    """Kernel-side copy: a reflink where the filesystem has them, else copy_file_range
+    (holes kept: only the stretches of data of a sparse file are copied)."""
     if can_clone[0]:
         try:
             fcntl.ioctl(dst, FICLONE, src)
             return
         except OSError:
             can_clone[0] = False  # not on this filesystem pair: do not ask again
+    if not sparse:
+        copy_range(src, dst, 0, size)
+        return
+    for offset, length in data_segments(src, size):
+        copy_range(src, dst, offset, length)
+    os.ftruncate(dst, size)
+
+
+def copy_range(src: int, dst: int, offset: int, length: int, in_place: bool = True) -> None:
+    """Copy src[offset:offset+length] kernel-side: to the same offset of dst (in_place),
+    or at dst's current position (into an archive)."""
     copied = 0
     try:
-        while copied < size:
-            n = os.copy_file_range(src, dst, min(size - copied, COPY_CHUNK))
+        while copied < length:
+            at = offset + copied
+            n = os.copy_file_range(src, dst, min(length - copied, COPY_CHUNK), at,
+                                   at if in_place else None)  # fmt: skip
             if n == 0:
                 raise ArchiveError("file shrank while being archived")
             copied += n
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise
-        while copied < size:
-            n = os.sendfile(dst, src, copied, min(size - copied, COPY_CHUNK))
+        if in_place:
+            os.lseek(dst, offset + copied, os.SEEK_SET)
+        while copied < length:
+            n = os.sendfile(dst, src, offset + copied, min(length - copied, COPY_CHUNK))
             if n == 0:
                 raise ArchiveError("file shrank while being archived") from None
             copied += n
 
 
-def set_metadata(target: bytes | int, st: os.stat_result, xattrs: dict[str, bytes],
-                 xw: XattrWriter, mode_is_set: bool = True) -> None:  # fmt: skip
+def set_metadata(target: int | tuple[int, bytes], entry: Entry, xw: XattrWriter,
+                 mode_is_set: bool = True) -> None:  # fmt: skip
     """Owner, mode, xattrs, then times, each only where the new entry differs.
 
     chown clears setuid bits and capabilities, so mode and xattrs come after it.
     Entries are created with their final permissions (umask 0): chmod is needed
     only for directories (made 0700 to be filled) and setuid/setgid/sticky bits.
     """
-    is_link, is_fd = stat.S_ISLNK(st.st_mode), isinstance(target, int)
+    st = entry.st
+    is_link = stat.S_ISLNK(st.st_mode)
+    fix_mode = not is_link and (not mode_is_set or st.st_mode & 0o7000)
+    times = (st.st_atime_ns, st.st_mtime_ns)
+    if isinstance(target, int):
+        if (st.st_uid, st.st_gid) != creator():
+            os.chown(target, st.st_uid, st.st_gid)
+        if fix_mode:
+            os.chmod(target, stat.S_IMODE(st.st_mode))
+        if entry.xattrs:
+            xw.set_all(target, entry.xattrs, entry.rel)
+        os.utime(target, ns=times)
+        return
+    dir_fd, name = target
     if (st.st_uid, st.st_gid) != creator():
-        os.chown(target, st.st_uid, st.st_gid, follow_symlinks=is_fd)
-    if not is_link and (not mode_is_set or st.st_mode & 0o7000):
-        os.chmod(target, stat.S_IMODE(st.st_mode))
-    if xattrs:
-        xw.set_all(target, xattrs)
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=not is_link)
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+    if fix_mode:
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
+    if entry.xattrs:
+        xw.set_all(b"/proc/self/fd/%d/%s" % (dir_fd, name), entry.xattrs, entry.rel)
+    os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
 
 
-def write_copy(entries: Iterable[Entry], root_fd: int, shown_root: str, archive: Archive) -> Stats:
-    """The tree under the directory root_fd; errors name paths under shown_root."""
-    base = f"/proc/self/fd/{root_fd}/".encode()
+def write_copy(entries: Iterable[Entry], root_fd: int, archive: Archive, stats: Stats) -> None:
+    """The tree under the (new, empty) directory root_fd."""
     old_umask = os.umask(0)  # entries are created with their own permissions
     try:
-        return copy_entries(entries, base, archive)
-    except OSError as exc:
-        for attr in ("filename", "filename2"):
-            name = getattr(exc, attr)
-            if isinstance(name, bytes) and name.startswith(base):
-                setattr(exc, attr, os.fsencode(shown_root) + b"/" + name[len(base) :])
-        raise
+        copy_entries(entries, root_fd, archive, stats)
     finally:
         os.umask(old_umask)
 
 
-def copy_entries(entries: Iterable[Entry], base: bytes, archive: Archive) -> Stats:
-    xw = XattrWriter(archive.name)
-    links: dict[tuple[int, int], bytes] = {}
-    dirs: list[tuple[bytes, Entry]] = []
+def copy_entries(entries: Iterable[Entry], root_fd: int, archive: Archive, stats: Stats) -> None:
+    """Each entry made by name in its destination directory, held open per depth.
+
+    A directory gets its metadata when the walk leaves it (creating children
+    changes its mtime, and its default ACL or setgid bit must not reach them):
+    memory holds one directory per level, not one per directory.
+    """
+    xw = XattrWriter(archive.name, stats)
+    links = Hardlinks()
+    open_dirs: list[tuple[int, Entry]] = []  # the destination directory of each level
     can_clone = [True]
-    stats = Stats()
-    for entry in entries:
-        st, dst = entry.st, base + entry.rel
-        stats.entries += 1
-        mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            if entry.rel != b".":
-                os.mkdir(dst, 0o700)
-            dirs.append((dst, entry))
-            continue
-        if stat.S_ISSOCK(mode):
-            log.warning("socket skipped", archive=archive.name, path=os.fsdecode(entry.path))
-            continue
-        if st.st_nlink > 1 and not entry.is_whiteout:
-            key = (st.st_dev, st.st_ino)
-            if key in links:
-                os.link(links[key], dst, follow_symlinks=False)
+    try:
+        for entry in entries:
+            stats.entries += 1
+            while len(open_dirs) > entry.depth:
+                leave_dir(open_dirs.pop(), root_fd, xw, stats)
+            stats.current = entry.rel
+            if entry.depth == 0:  # the root is the temporary directory itself
+                open_dirs.append((root_fd, entry))
                 continue
-            links[key] = dst
-        if stat.S_ISREG(mode):
-            copy_file(entry, dst, xw, can_clone)
-            stats.bytes += st.st_size
-            continue
-        if stat.S_ISLNK(mode):
-            os.symlink(os.readlink(entry.path), dst)
-        elif stat.S_ISFIFO(mode):
-            os.mkfifo(dst, stat.S_IMODE(mode))
-        else:  # character and block devices, whiteouts among them
-            os.mknod(dst, mode, st.st_rdev)
-        set_metadata(dst, st, entry.xattrs, xw)
-    for dst, entry in reversed(dirs):  # children first: creating them changes a dir's mtime
-        set_metadata(dst, entry.st, entry.xattrs, xw, mode_is_set=False)
-    return stats
+            stats.bytes += copy_entry(entry, open_dirs[-1][0], root_fd, links, xw, can_clone,
+                                      open_dirs)  # fmt: skip
+        while open_dirs:
+            leave_dir(open_dirs.pop(), root_fd, xw, stats)
+    finally:
+        for fd, _ in open_dirs:
+            if fd != root_fd:
+                os.close(fd)
 
 
-def copy_file(entry: Entry, dst: bytes, xw: XattrWriter, can_clone: list[bool]) -> None:
+def copy_entry(entry: Entry, parent: int, root_fd: int, links: Hardlinks, xw: XattrWriter,
+               can_clone: list[bool], open_dirs: list[tuple[int, Entry]]) -> int:  # fmt: skip
+    """Make one entry (a directory is left open on open_dirs); the bytes of data copied."""
+    st, name = entry.st, entry.name
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        os.mkdir(name, 0o700, dir_fd=parent)
+        open_dirs.append((os.open(name, DIR_FLAGS, dir_fd=parent), entry))
+        return 0
+    if is_hardlink(entry):
+        first = links.first_link(st, entry.rel)
+        if first is not None:
+            link_at(root_fd, first, parent, name)
+            return 0
+    if stat.S_ISREG(mode):
+        copy_file(entry, parent, xw, can_clone)
+        return st.st_size
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(entry.name, dir_fd=entry.dir_fd), name, dir_fd=parent)
+    elif stat.S_ISFIFO(mode):
+        os.mkfifo(name, stat.S_IMODE(mode), dir_fd=parent)
+    else:  # devices (whiteouts among them) and sockets
+        os.mknod(name, mode, st.st_rdev, dir_fd=parent)
+    set_metadata((parent, name), entry, xw)
+    return 0
+
+
+def leave_dir(level: tuple[int, Entry], root_fd: int, xw: XattrWriter, stats: Stats) -> None:
+    fd, entry = level
+    stats.current = entry.rel
+    try:
+        set_metadata(fd, entry, xw, mode_is_set=False)
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+def link_at(root_fd: int, first: bytes, parent: int, name: bytes) -> None:
+    """A hardlink to the copy's entry `first` (a path under root_fd, maybe past PATH_MAX)."""
+    try:
+        os.link(first, name, src_dir_fd=root_fd, dst_dir_fd=parent, follow_symlinks=False)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    *dirs, base = first.split(b"/")
+    fd = os.dup(root_fd)
+    try:
+        for part in dirs:
+            next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        os.link(base, name, src_dir_fd=fd, dst_dir_fd=parent, follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
+def copy_file(entry: Entry, parent: int, xw: XattrWriter, can_clone: list[bool]) -> None:
     src_fd = open_source(entry)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        dst_fd = os.open(dst, flags, stat.S_IMODE(entry.st.st_mode) & 0o777)
+        dst_fd = os.open(entry.name, flags, stat.S_IMODE(entry.st.st_mode) & 0o777, dir_fd=parent)
         try:
-            if entry.st.st_size:
-                copy_data(src_fd, dst_fd, entry.st.st_size, can_clone)
-                if entry.st.st_size >= WRITEBACK_SIZE:
+            size = entry.st.st_size
+            if size:
+                copy_data(src_fd, dst_fd, size, can_clone, is_sparse(entry.st))
+                if size >= WRITEBACK_SIZE:
                     start_writeback(dst_fd)
-            set_metadata(dst_fd, entry.st, entry.xattrs, xw)
+            set_metadata(dst_fd, entry, xw)
         finally:
             os.close(dst_fd)
     finally:
@@ -995,6 +1208,7 @@ def copy_file(entry: Entry, dst: bytes, xw: XattrWriter, can_clone: list[bool]) 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default record: readers expect archives padded to it
 READ_CHUNK = 1 << 20
+KERNEL_COPY_MIN = 1 << 16  # smaller file data goes through the buffer
 DEFAULT_LEVELS = {"gzip": 2, "zstd": 3}
 ZSTD_JOB_SIZE = 2 << 20
 
@@ -1015,11 +1229,62 @@ USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
 MAX_OCTAL_7, MAX_OCTAL_11 = 8**7 - 1, 8**11 - 1  # what 8- and 12-byte fields hold
 
 
-def pax_record(key: str, value: bytes) -> bytes:
-    body = b" " + key.encode() + b"=" + value + b"\n"
+def pax_record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
     length = len(body) + len(str(len(body)))
     length = len(body) + len(str(length))  # the length counts its own digits
     return b"%d" % length + body
+
+
+def xattr_keyword(name: str) -> bytes:
+    """SCHILY.xattr.<name>, the name's raw bytes with "%" and "=" escaped as GNU tar
+    does (a "=" would end the keyword), so that GNU tar restores the very name."""
+    raw = os.fsencode(name).replace(b"%", b"%25").replace(b"=", b"%3D")
+    return b"SCHILY.xattr." + raw
+
+
+ACL_XATTRS = {"system.posix_acl_access": b"access", "system.posix_acl_default": b"default"}
+ACL_TAGS = {0x01: b"user", 0x02: b"user", 0x04: b"group", 0x08: b"group", 0x10: b"mask",
+            0x20: b"other"}  # fmt: skip
+ACL_NAMED = (0x02, 0x08)
+ACL_ENTRY = struct.Struct("<HHI")
+
+
+def acl_text(value: bytes) -> bytes | None:
+    """A POSIX ACL xattr (version 2) as the text GNU tar and bsdtar read from
+    SCHILY.acl.*: one `tag:qualifier:rwx` per line, ids as numbers (the names of the
+    container's users mean nothing on the host).  None if it is not a valid ACL."""
+    body = value[4:]
+    if len(value) < 4 or value[:4] != b"\x02\0\0\0" or len(body) % ACL_ENTRY.size:
+        return None
+    lines = []
+    for tag, perm, ident in ACL_ENTRY.iter_unpack(body):
+        if tag not in ACL_TAGS:
+            return None
+        qualifier = b"%d" % ident if tag in ACL_NAMED else b""
+        perms = bytes(c if perm & bit else 45 for c, bit in ((114, 4), (119, 2), (120, 1)))
+        lines.append(ACL_TAGS[tag] + b":" + qualifier + b":" + perms + b"\n")
+    return b"".join(lines)
+
+
+def xattr_records(xattrs: dict[str, bytes]) -> list[bytes]:
+    """Every xattr as SCHILY.xattr.*; POSIX ACLs also as SCHILY.acl.*, which
+    `tar --acls` and `bsdtar --acls` restore (as `tar --acls -c` writes them)."""
+    records = []
+    for name, value in xattrs.items():
+        records.append(pax_record(xattr_keyword(name), value))
+        kind = ACL_XATTRS.get(name)
+        text = acl_text(value) if kind is not None else None
+        if text is not None:
+            records.append(pax_record(b"SCHILY.acl." + kind, text))
+    return records
+
+
+def pax_time(ns: int) -> bytes:
+    """Seconds with nanoseconds; before 1970 the sign covers both (-0.5 s is "-0.5")."""
+    sign = b"-" if ns < 0 else b""
+    seconds, nanos = divmod(abs(ns), 1_000_000_000)
+    return b"%s%d.%09d" % (sign, seconds, nanos)
 
 
 def ustar_block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
@@ -1047,44 +1312,48 @@ def member_name(entry: Entry) -> bytes:
     return b"./" + entry.rel + (b"/" if stat.S_ISDIR(entry.st.st_mode) else b"")
 
 
-def tar_header(entry: Entry, owner: tuple[int, int] | None, link_to: bytes | None) -> bytes:
+def tar_header(entry: Entry, owner: tuple[int, int] | None, link_to: bytes | None,
+               sparse: SparseMap | None = None) -> bytes:  # fmt: skip
     """The header blocks of one member: a PAX header first where ustar cannot hold it all."""
     st = entry.st
     name = member_name(entry)
+    records = []
     if link_to is not None:
         typeflag, linkname, size = HARDLINK, link_to, 0
     else:
         typeflag = TYPEFLAGS[stat.S_IFMT(st.st_mode)]
-        linkname = os.readlink(entry.path) if typeflag == b"2" else b""
+        linkname = os.readlink(entry.name, dir_fd=entry.dir_fd) if typeflag == b"2" else b""
         size = st.st_size if typeflag == b"0" else 0
+    if sparse is not None:  # PAX sparse format 1.0, as GNU tar --sparse writes it
+        records += sparse.records(name)
+        name, size = sparse.member_name(entry), sparse.member_size
     if owner is None:
         uid, gid = st.st_uid, st.st_gid
         uname, gname = user_name(uid), group_name(gid)
     else:
         (uid, gid), uname, gname = owner, b"", b""
-    seconds, nanos = divmod(st.st_mtime_ns, 1_000_000_000)
-    records = []
+    seconds = st.st_mtime_ns // 1_000_000_000
     if len(name) > 100:
-        records.append(pax_record("path", name))
+        records.append(pax_record(b"path", name))
     if len(linkname) > 100:
-        records.append(pax_record("linkpath", linkname))
+        records.append(pax_record(b"linkpath", linkname))
     if uid > MAX_OCTAL_7:
-        records.append(pax_record("uid", b"%d" % uid))
+        records.append(pax_record(b"uid", b"%d" % uid))
         uid = 0
     if gid > MAX_OCTAL_7:
-        records.append(pax_record("gid", b"%d" % gid))
+        records.append(pax_record(b"gid", b"%d" % gid))
         gid = 0
     if size > MAX_OCTAL_11:
-        records.append(pax_record("size", b"%d" % size))
-    if nanos or not 0 <= seconds <= MAX_OCTAL_11:
-        records.append(pax_record("mtime", b"%d.%09d" % (seconds, nanos)))
+        records.append(pax_record(b"size", b"%d" % size))
+    if st.st_mtime_ns % 1_000_000_000 or not 0 <= seconds <= MAX_OCTAL_11:
+        records.append(pax_record(b"mtime", pax_time(st.st_mtime_ns)))
         seconds = min(max(seconds, 0), MAX_OCTAL_11)
     if len(uname) > 32:
-        records.append(pax_record("uname", uname))
+        records.append(pax_record(b"uname", uname))
     if len(gname) > 32:
-        records.append(pax_record("gname", gname))
-    for key, value in entry.xattrs.items():
-        records.append(pax_record("SCHILY.xattr." + key, value))
+        records.append(pax_record(b"gname", gname))
+    if entry.xattrs:
+        records += xattr_records(entry.xattrs)
     is_device = typeflag in (b"3", b"4")
     block = ustar_block(
         name, stat.S_IMODE(st.st_mode), uid, gid, min(size, MAX_OCTAL_11), seconds, typeflag,
@@ -1095,6 +1364,35 @@ def tar_header(entry: Entry, owner: tuple[int, int] | None, link_to: bytes | Non
         return block
     data = b"".join(records)
     return pax_block(len(data)) + data + bytes(-len(data) % BLOCK) + block
+
+
+class SparseMap:
+    """A file with holes as a PAX 1.0 sparse member: its data stretches, listed in a
+    text map that precedes them in the member's data, so the archive holds the data
+    only (GNU tar --sparse and bsdtar restore the holes)."""
+
+    def __init__(self, segments: list[tuple[int, int]], size: int) -> None:
+        self.segments = segments
+        self.size = size
+        lines = [b"%d\n" % (len(segments) + 1)]
+        lines += [b"%d\n%d\n" % segment for segment in segments]
+        lines.append(b"%d\n0\n" % size)  # the end of the file, as GNU tar marks it
+        text = b"".join(lines)
+        self.map = text + bytes(-len(text) % BLOCK)
+        self.member_size = len(self.map) + sum(length for _, length in segments)
+
+    def records(self, name: bytes) -> list[bytes]:
+        return [
+            pax_record(b"GNU.sparse.major", b"1"),
+            pax_record(b"GNU.sparse.minor", b"0"),
+            pax_record(b"GNU.sparse.name", name),
+            pax_record(b"GNU.sparse.realsize", b"%d" % self.size),
+        ]
+
+    @staticmethod
+    def member_name(entry: Entry) -> bytes:
+        parent = entry.rel.rpartition(b"/")[0]
+        return b"./" + (parent + b"/" if parent else b"") + b"GNUSparseFile.0/" + entry.name
 
 
 @cache
@@ -1137,11 +1435,11 @@ class OutputFile:
     def flush(self) -> None:
         self.raw.flush()
 
-    def copy_from(self, src: int, size: int) -> None:
+    def copy_from(self, src: int, offset: int, length: int) -> None:
         """Kernel-side copy of file data straight into the archive (plain tar)."""
         self.raw.flush()
-        copy_data(src, self.fd, size, [False])
-        self.size += size
+        copy_range(src, self.fd, offset, length, in_place=False)
+        self.size += length
 
 
 class TarSink:
@@ -1176,30 +1474,29 @@ class TarSink:
         if self.tar_digest is not None:
             self.tar_digest.update(data)
 
-    def write_file(self, entry: Entry) -> None:
-        """A regular file's data, padded to a whole block."""
-        size = entry.st.st_size
-        src = open_source(entry)
-        try:
-            if self.stream is self.out and self.tar_digest is None:
-                self.out.copy_from(src, size)
-                self.written += size
+    def write_data(self, src: int, segments: Iterable[tuple[int, int]], size: int) -> None:
+        """A regular file's data (the given stretches of it), padded to a whole block.
+        Large stretches go kernel-side into a plain tar; small ones through the buffer,
+        which saves a flush per file."""
+        kernel_copy = self.stream is self.out and self.tar_digest is None
+        for offset, length in segments:
+            if kernel_copy and length >= KERNEL_COPY_MIN:
+                self.out.copy_from(src, offset, length)
+                self.written += length
             else:
-                self.copy_through(src, size)
-        finally:
-            os.close(src)
+                self.copy_through(src, offset, length)
         if size % BLOCK:
             self.write(bytes(-size % BLOCK))
 
-    def copy_through(self, src: int, size: int) -> None:
+    def copy_through(self, src: int, offset: int, length: int) -> None:
         view = memoryview(self.buffer)
-        left = size
-        while left:
-            n = os.readv(src, [view[: min(left, READ_CHUNK)]])
+        end = offset + length
+        while offset < end:
+            n = os.preadv(src, [view[: min(end - offset, READ_CHUNK)]], offset)
             if n == 0:
                 raise ArchiveError("file shrank while being archived")
             self.write(view[:n])
-            left -= n
+            offset += n
 
     def finish(self) -> None:
         """The end-of-archive blocks, the record's padding, then the compressor's last blocks."""
@@ -1210,32 +1507,55 @@ class TarSink:
         self.out.flush()
 
 
-def write_tar(entries: Iterable[Entry], fd: int, archive: Archive, hashing: bool = False) -> Stats:
-    """Each entry as a member; hardlinks as link members, but whiteouts each their own."""
-    sink = TarSink(fd, archive, hashing)
-    links: dict[tuple[int, int], bytes] = {}
-    stats = Stats()
+def write_tar(entries: Iterable[Entry], fd: int, archive: Archive, stats: Stats,
+              layer: bool = False) -> None:  # fmt: skip
+    """Each entry as a member; hardlinks as link members, but whiteouts each their own.
+    A layer is hashed for its descriptor and holds no sparse members (image-spec:
+    sparse files SHOULD NOT be used in layers)."""
+    sink = TarSink(fd, archive, hashing=layer)
+    links = Hardlinks()
     for entry in entries:
+        stats.current = entry.rel
         st = entry.st
         if stat.S_ISSOCK(st.st_mode):
-            log.warning("socket skipped", archive=archive.name, path=os.fsdecode(entry.path))
+            log.warning(
+                "socket skipped: tar cannot hold one", archive=archive.name,
+                entry=os.fsdecode(entry.rel),
+            )  # fmt: skip
             continue
-        link_to = None
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and not entry.is_whiteout:
-            key = (st.st_dev, st.st_ino)
-            link_to = links.get(key)
-            if link_to is None:
-                links[key] = member_name(entry)
-        sink.write(tar_header(entry, archive.owner, link_to))
+        link_to = links.first_link(st, member_name(entry)) if is_hardlink(entry) else None
         stats.entries += 1
         if link_to is None and stat.S_ISREG(st.st_mode) and st.st_size:
-            sink.write_file(entry)
+            write_file_member(sink, entry, archive.owner, sparse_ok=not layer)
             stats.bytes += st.st_size
+        else:
+            sink.write(tar_header(entry, archive.owner, link_to))
+    stats.current = None
     sink.finish()
     stats.archive_bytes = sink.out.size
-    if hashing:
+    if layer:
         stats.descriptor = layer_descriptor(sink, archive.compressor or "gzip")
-    return stats
+
+
+def write_file_member(sink: TarSink, entry: Entry, owner: tuple[int, int] | None,
+                      sparse_ok: bool) -> None:  # fmt: skip
+    size = entry.st.st_size
+    src = open_source(entry)
+    try:
+        sparse = None
+        if sparse_ok and is_sparse(entry.st):
+            segments = data_segments(src, size)
+            if sum(length for _, length in segments) < size:
+                sparse = SparseMap(segments, size)
+        if sparse is None:
+            sink.write(tar_header(entry, owner, None))
+            sink.write_data(src, ((0, size),), size)
+        else:
+            sink.write(tar_header(entry, owner, None, sparse))
+            sink.write(sparse.map)
+            sink.write_data(src, sparse.segments, sparse.member_size)
+    finally:
+        os.close(src)
 
 
 # ---------------------------------------------------------------------------
@@ -1248,41 +1568,79 @@ OCI_LAYER_MEDIA_TYPES = {
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
 }
 FUSE_OPAQUE_MARKERS = (OPAQUE_WHITEOUT, b".wh..opq")
+OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 
 
 def is_opaque(entry: Entry, upper: Upper) -> bool:
     return any(entry.xattrs.get(p + "opaque") == b"y" for p in upper.marker_prefixes)
 
 
-def marker_free(xattrs: dict[str, bytes], upper: Upper) -> dict[str, bytes]:
-    """The xattrs without overlay markers; escaped overlay xattrs as the container set them."""
+def layer_xattrs(entry: Entry, upper: Upper, archive: str) -> dict[str, bytes]:
+    """The xattrs without overlay markers.  An overlay xattr the container set itself
+    (stored escaped since Linux 6.7) is dropped with a warning: an applier would take
+    it for a marker (a trusted.overlay.opaque makes podman hide the image's files)."""
     kept = {}
-    for name, value in xattrs.items():
+    for name, value in entry.xattrs.items():
         user_name = upper.user_xattr(name)
-        if user_name is not None:
-            kept[user_name] = value
+        if user_name is None:
+            continue  # this overlay's own marker
+        if user_name.startswith(OVERLAY_XATTRS):
+            log.warning(
+                "xattr left out of the layer: appliers would take it for an overlay marker",
+                archive=archive, entry=os.fsdecode(entry.rel), xattr=user_name,
+            )  # fmt: skip
+            continue
+        kept[user_name] = value
     return kept
 
 
-def oci_entries(entries: Iterable[Entry], upper: Upper) -> Iterator[Entry]:
+def oci_entries(entries: Iterable[Entry], upper: Upper, archive: str) -> Iterator[Entry]:
     """Convert overlay's encoding of changes into image-spec's, each path once."""
+    whiteouts: list[set[bytes]] = [set()]  # per depth: the whiteout names made in that dir
     for entry in entries:
+        st, depth = entry.st, entry.depth
         parent, _, name = entry.rel.rpartition(b"/")
-        if name in FUSE_OPAQUE_MARKERS:
-            continue  # fuse-overlayfs's own markers: the directory's entry carries opacity
-        st = entry.st
-        if entry.is_whiteout:
-            rel = (parent + b"/" if parent else b"") + WHITEOUT_PREFIX + name
-            yield Entry(rel, entry.path, whiteout_file_stat(st), {})
+        rel_dir = parent + b"/" if parent else b""
+        if name.startswith(WHITEOUT_PREFIX):
+            check_fuse_marker(entry, upper)
+            if name in FUSE_OPAQUE_MARKERS:
+                continue  # the directory's entry carries its opacity
+            name = name[len(WHITEOUT_PREFIX) :]  # fuse-overlayfs's whiteout file for `name`
+        elif not entry.is_whiteout:
+            yield Entry(entry.rel, entry.dir_fd, entry.name, st,
+                        layer_xattrs(entry, upper, archive), depth)  # fmt: skip
+            if stat.S_ISDIR(st.st_mode):
+                del whiteouts[depth + 1 :]
+                whiteouts.append(set())
+                if depth and (is_opaque(entry, upper) or upper.fuse and has_opq_file(entry)):
+                    opq = entry.rel + b"/" + OPAQUE_WHITEOUT
+                    yield Entry(opq, entry.dir_fd, OPAQUE_WHITEOUT, whiteout_file_stat(st), {},
+                                depth + 1)  # fmt: skip
             continue
-        yield Entry(entry.rel, entry.path, st, marker_free(entry.xattrs, upper))
-        if stat.S_ISDIR(st.st_mode) and (is_opaque(entry, upper) or has_opq_file(entry)):
-            rel = b"" if entry.rel == b"." else entry.rel + b"/"
-            yield Entry(rel + OPAQUE_WHITEOUT, entry.path, whiteout_file_stat(st), {})
+        if name in whiteouts[depth]:
+            continue  # fuse-overlayfs wrote both a device and a file for it
+        whiteouts[depth].add(name)
+        yield Entry(rel_dir + WHITEOUT_PREFIX + name, entry.dir_fd, entry.name,
+                    whiteout_file_stat(st), {}, depth)  # fmt: skip
+
+
+def check_fuse_marker(entry: Entry, upper: Upper) -> None:
+    """A .wh.* name is a marker only where fuse-overlayfs wrote it; elsewhere it is
+    the container's own file, which a layer cannot hold (image-spec reserves the
+    prefix: an applier would delete or hide files of the image instead)."""
+    if not upper.fuse:
+        raise ArchiveError(
+            f"{os.fsdecode(entry.rel)}: a name starting with .wh. cannot be in an OCI layer "
+            "(image-spec reserves it for whiteouts); use another method for this mount"
+        )
 
 
 def has_opq_file(entry: Entry) -> bool:
-    return os.path.lexists(os.path.join(entry.path, OPAQUE_WHITEOUT))
+    try:
+        os.stat(entry.name + b"/" + OPAQUE_WHITEOUT, dir_fd=entry.dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def whiteout_file_stat(st: os.stat_result) -> os.stat_result:
@@ -1332,6 +1690,7 @@ def archive_one(archive: Archive, mounts: object, opts: Options) -> None:
         entries=stats.entries,
         bytes=stats.bytes,
         **({"archive_bytes": stats.archive_bytes} if archive.method != "copy" else {}),
+        **({"xattrs_not_kept": stats.xattrs_not_kept} if stats.xattrs_not_kept else {}),
         seconds=round(time.monotonic() - started, 3),
     )
 
@@ -1339,24 +1698,16 @@ def archive_one(archive: Archive, mounts: object, opts: Options) -> None:
 def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
     is_dir = archive.method == "copy"
     dest.check_kind(is_dir)
-    entries = walk(upper)
+    stats = Stats()
     try:
-        if is_dir:
-            root_fd = dest.make_temp_dir()
-            shown_root = posixpath.join(dest.parent, dest.tmp_name)
-            stats = write_copy(entries, root_fd, shown_root, archive)
-            syncfs(root_fd)
-        else:
-            fd = dest.make_temp_file()
-            if archive.method.startswith("oci-layer"):
-                stats = write_tar(oci_entries(entries, upper), fd, archive, hashing=True)
-            else:
-                stats = write_tar(entries, fd, archive)
-            os.fsync(fd)
-        if stats.descriptor is not None:  # never an old descriptor beside a new layer
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(dest.name + ".json", dir_fd=dest.dir_fd)
-        dest.commit(is_dir)
+        try:
+            write_temporary(archive, upper, dest, stats)
+            if stats.descriptor is not None:  # never an old descriptor beside a new layer
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(dest.name + ".json", dir_fd=dest.dir_fd)
+            dest.commit(is_dir)
+        except OSError as exc:
+            raise ArchiveError(failure(exc, upper, dest, stats)) from None
     except BaseException:
         dest.discard_temp()
         raise
@@ -1364,6 +1715,32 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
         descriptor = json.dumps(stats.descriptor, indent=2).encode() + b"\n"
         write_file_at(dest.dir_fd, dest.name + ".json", descriptor, dest.parent)
     return stats
+
+
+def write_temporary(archive: Archive, upper: Upper, dest: Destination, stats: Stats) -> None:
+    """The whole archive under its temporary name, durable on disk."""
+    entries = walk(upper)
+    if archive.method == "copy":
+        root_fd = dest.make_temp_dir()
+        write_copy(entries, root_fd, archive, stats)
+        stats.current = None
+        syncfs(root_fd)
+        return
+    fd = dest.make_temp_file()
+    if archive.method.startswith("oci-layer"):
+        write_tar(oci_entries(entries, upper, archive.name), fd, archive, stats, layer=True)
+    else:
+        write_tar(entries, fd, archive, stats)
+    stats.current = None
+    os.fsync(fd)
+
+
+def failure(exc: OSError, upper: Upper, dest: Destination, stats: Stats) -> str:
+    """What failed, naming the entry being archived when there was one."""
+    if stats.current is None:
+        return f"cannot write {dest.path}: {exc.strerror or exc}"
+    entry = upper.path if stats.current == b"." else f"{upper.path}/{os.fsdecode(stats.current)}"
+    return f"cannot archive {entry} into {dest.path}: {exc.strerror or exc}"
 
 
 @dataclass
