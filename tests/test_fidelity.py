@@ -210,6 +210,15 @@ def bsd_extract(archive: Path, into: Path, *flags: str, check: bool = True):
 
 
 GNU_ALL = ("--xattrs", "--xattrs-include=*", "--acls")
+
+
+def bsdtar_view(tree: dict[str, dict]) -> dict[str, dict]:
+    """What bsdtar 3.6 can restore: it leaves the mtime of the directory it extracts into
+    (the member "./") alone, where GNU tar sets it."""
+    root = {k: v for k, v in tree["."].items() if k != "mtime_ns"}
+    return {**tree, ".": root}
+
+
 BSD_ALL = ("--xattrs", "--acls")
 
 
@@ -582,10 +591,11 @@ def test_copy_ignores_the_destination_defaults(parent, hook_bin, tmp_path):
     assert_same_tree(snapshot(mnt.upper), snapshot(copy), f"copy under a {parent} parent",
                      result.diag)  # fmt: skip
     assert getfacl(copy) == getfacl(mnt.upper)
-    # cp -a into the same parent keeps the same owners, modes and ACLs
+    # cp -a into the same parent keeps the same owners and ACLs (not the modes: under a
+    # setgid parent, coreutils keeps the setgid bit its directories inherit)
     subprocess.run(["cp", "-a", str(mnt.upper), str(out / "cp-a")], check=True)
     assert_same_tree(snapshot(out / "cp-a"), snapshot(copy), "copy against cp -a", result.diag,
-                     keys=("type", "mode", "owner", "xattrs"))  # fmt: skip
+                     keys=("type", "owner", "xattrs"))  # fmt: skip
 
 
 # --- 5, 8. xattr names with '=', '%', and bytes that are not UTF-8 ---------------------------
@@ -773,7 +783,10 @@ def test_acls_restored(acls, method, reader):
     into = work / f"{reader}-{method}"
     extract(result.path(method), into, *flags)
     assert getfacl(into) == expected, result.diag
-    assert_same_tree(snapshot(mnt.upper), snapshot(into), f"{reader} of {method}", result.diag,
+    want, got = snapshot(mnt.upper), snapshot(into)
+    if extract is bsd_extract:
+        want, got = bsdtar_view(want), bsdtar_view(got)
+    assert_same_tree(want, got, f"{reader} of {method}", result.diag,
                      keys=("type", "mode", "owner", "mtime_ns", "content"))  # fmt: skip
 
 
@@ -916,7 +929,9 @@ def test_deep_tree_through_bsdtar(deep_tree):
 
 
 SPARSE_DATA = {0: 4096, GIB: 8192, 2 * GIB - 8192: 8192}  # offset: length: 20 KiB in 2 GiB
-SPARSE_METHODS = ("copy", *TAR_METHODS, "oci-layer")
+# oci-layer has its own, smaller case (sparse_layer): reading a dense 2 GiB layer back costs
+# a minute and umoci and podman write the file dense anyway.
+SPARSE_METHODS = ("copy", *TAR_METHODS)
 
 
 def write_sparse(path: Path, size: int, data: dict[int, int]) -> None:
@@ -975,14 +990,17 @@ def test_sparse_tar_members_are_pax_sparse_1_0(sparse, method):
 def test_sparse_tar_extracts_equal_and_sparse(sparse, method, reader):
     mnt, work, result = sparse
     into = work / f"{reader}-{method}"
+    want = snapshot(mnt.upper)
     if reader == "gnu":
         gnu_extract(result.path(method), into, "--sparse", *GNU_ALL)
+        got = snapshot(into)
     else:
         bsd_extract(result.path(method), into, *BSD_ALL)
+        want, got = bsdtar_view(want), bsdtar_view(snapshot(into))
     try:
-        assert os.lstat(into / "sparse.bin").st_blocks * 512 < (1 << 20)
-        assert_same_tree(snapshot(mnt.upper), snapshot(into), f"{reader} -x of {method}",
-                         result.diag)  # fmt: skip
+        blocks = os.lstat(into / "sparse.bin").st_blocks
+        assert blocks * 512 < (1 << 20), f"{reader} wrote sparse.bin dense: {blocks} blocks"
+        assert_same_tree(want, got, f"{reader} -x of {method}", result.diag)
     finally:
         remove_tree(into)
 
