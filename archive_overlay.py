@@ -4,8 +4,8 @@ When a container stops, the runtime (runc, crun) or the engine (podman) runs
 this hook with the container's OCI state JSON on stdin.  The hook reads the
 bundle's config.json, finds the overlay mounts named by annotations
 ``com.launchplatform.oci-hooks.archive-overlay.<NAME>.<arg>``, and archives
-each mount's upperdir (the container's changes) to a path on the host, as a
-directory copy or a tar stream.
+each mount's upperdir (the container's changes; for mount-point /, its root
+filesystem's) to a path on the host, as a directory copy or a tar stream.
 
 The module reads top to bottom: inputs (state, config, annotations), finding
 upperdirs, walking an upperdir, the destination (safe and atomic), the
@@ -43,7 +43,10 @@ import structlog
 __version__ = "3.0.0"
 
 ANNOTATION_PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
-ARGS = ("mount-point", "archive-to", "success", "method", "tar-content-owner", "compression-level")
+ARGS = (
+    "mount-point", "archive-to", "success", "method", "tar-content-owner", "compression-level",
+    "exclude",
+)  # fmt: skip
 DEFAULT_MOUNT_PROGRAM = "/usr/bin/fuse-overlayfs"
 
 EXIT_OK, EXIT_ARCHIVE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -242,6 +245,7 @@ class Archive:
     method: str = "copy"
     owner: tuple[int, int] | None = None
     compression_level: int | None = None
+    exclude: str = ""  # absolute paths in the mount, ':' or ',' separated
 
     @property
     def compressor(self) -> str | None:
@@ -266,6 +270,25 @@ def parse_owner(value: str) -> tuple[int, int] | None:
     return ids[0], ids[1]
 
 
+def parse_exclude(value: str) -> frozenset[bytes]:
+    """exclude's paths, relative to the mount's root as walk() names entries.
+
+    Absolute paths inside the mount separated by ':' (as PATH is) or ','
+    (podman 4.3's --annotation splits a value at commas unless CSV-quoted).
+    """
+    excluded = set()
+    for path in value.replace(",", ":").split(":"):
+        if not path:
+            continue
+        if not path.startswith("/"):
+            raise ArchiveError(f"exclude path {path!r} is not an absolute path")
+        rel = posixpath.normpath(path).lstrip("/")
+        if not rel:
+            raise ArchiveError("exclude path / would leave nothing to archive")
+        excluded.add(os.fsencode(rel))
+    return frozenset(excluded)
+
+
 def apply_arg(archive: Archive, arg: str, value: str) -> None:
     if arg == "mount-point":
         archive.mount_point = value
@@ -279,6 +302,8 @@ def apply_arg(archive: Archive, arg: str, value: str) -> None:
         archive.owner = parse_owner(value)
         if archive.owner is None:
             log.warning("invalid tar-content-owner ignored", archive=archive.name, value=value)
+    elif arg == "exclude":
+        archive.exclude = value
     elif arg == "compression-level":
         try:
             archive.compression_level = int(value)
@@ -474,23 +499,102 @@ def find_upper(mount: dict, mount_program: str) -> Upper:
             raise ArchiveError("overlay mount has no upperdir (a read-only mount?)")
         return upper
     if kind == "bind" and isinstance(source, str):
-        fuse_options = mount_program_options(mount_program, source)
-        if fuse_options is not None:
-            upper = upper_from_options(fuse_options, fuse=True)
-            if upper is None:
-                raise ArchiveError(f"{mount_program} mount {source} has no upperdir (read-only?)")
-            return upper
-        native = native_overlay_options(source)
-        if native is not None:
-            upper = upper_from_options(native, fuse=False)
-            if upper is None:
-                raise ArchiveError(f"overlay mounted at {source} has no upperdir (read-only?)")
-            return upper
-        raise ArchiveError(
-            f"bind source {source} is neither served by a running {mount_program} "
-            "nor an overlay mount"
-        )
+        upper = upper_mounted_at(source, mount_program)
+        if upper is None:
+            raise ArchiveError(
+                f"bind source {source} is neither served by a running {mount_program} "
+                "nor an overlay mount"
+            )
+        return upper
     raise ArchiveError(f"mount type {kind!r} is not overlay (nor a bind of one)")
+
+
+def upper_mounted_at(path: str, mount_program: str) -> Upper | None:
+    """The upperdir of the overlay mounted at path: a mount-program process serving it,
+    or a native overlay in mountinfo; None when path is neither."""
+    fuse_options = mount_program_options(mount_program, path)
+    if fuse_options is not None:
+        upper = upper_from_options(fuse_options, fuse=True)
+        if upper is None:
+            raise ArchiveError(f"{mount_program} mount {path} has no upperdir (read-only?)")
+        return upper
+    native = native_overlay_options(path)
+    if native is not None:
+        upper = upper_from_options(native, fuse=False)
+        if upper is None:
+            raise ArchiveError(f"overlay mounted at {path} has no upperdir (read-only?)")
+        return upper
+    return None
+
+
+def is_root_mount_point(mount_point: str) -> bool:
+    return mount_point.startswith("/") and not mount_point.strip("/")
+
+
+def find_root_upper(config: dict, bundle: str, mount_program: str) -> Upper:
+    """The upperdir of the container's root filesystem (mount-point /).
+
+    podman runs poststop hooks while root.path is still mounted: a native
+    overlay or a mount-program's.  CRI-O unmounts it first, but the layer's
+    directory in containers-storage stays, with the upperdir as its `diff`.
+    """
+    root = config.get("root")
+    path = root.get("path") if isinstance(root, dict) else None
+    if not isinstance(path, str) or not path:
+        raise ArchiveError("config.json has no root.path")
+    full = posixpath.normpath(posixpath.join(bundle, path))  # relative to the bundle
+    for candidate in dict.fromkeys((full, os.path.realpath(full))):
+        upper, found = upper_mounted_at(candidate, mount_program), "mount"
+        if upper is None:
+            upper, found = storage_layer_upper(candidate), "storage-layer"
+        if upper is not None:
+            log.debug("root filesystem", root_path=candidate, found=found, upperdir=upper.path)
+            return upper
+    shown = path if path == full else f"{path} ({full})"
+    raise ArchiveError(
+        f"root.path {shown} is neither an overlay mount (native or served by a running "
+        f"{mount_program}) nor in a containers-storage overlay layer"
+    )
+
+
+def storage_layer_upper(root_path: str) -> Upper | None:
+    """The `diff` of the containers-storage overlay layer whose `merged` is root_path.
+
+    A container's layer is a directory holding `diff` (the upperdir), `link`
+    and `lower`; `merged` is gone once unmounted.  The store's
+    `.has-mount-program` says whether fuse-overlayfs wrote it; otherwise, as
+    containers-storage does, a store used from a user namespace (rootless)
+    marks with user.overlay.* (`userxattr`).
+    """
+    layer, name = posixpath.split(root_path)
+    diff = posixpath.join(layer, "diff")
+    if name != "merged" or not os.path.isdir(diff):
+        return None
+    if not all(os.path.isfile(posixpath.join(layer, f)) for f in ("link", "lower")):
+        return None
+    try:
+        with open(posixpath.join(posixpath.dirname(layer), ".has-mount-program")) as f:
+            fuse = f.read().strip() == "true"
+    except OSError:
+        fuse = False
+    options = [f"upperdir={diff}"] + ([] if fuse or not in_user_namespace() else ["userxattr"])
+    return upper_from_options(options, fuse=fuse)
+
+
+def in_user_namespace() -> bool:
+    """Not in the initial user namespace (whose uid_map maps all of 0..2^32-2 to itself)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
+def locate_upper(mount_point: str, config: dict, bundle: str, mount_program: str) -> Upper:
+    """The upperdir behind a mount-point: the root filesystem's for /, else its mount's."""
+    if is_root_mount_point(mount_point):
+        return find_root_upper(config, bundle, mount_program)
+    return find_upper(find_mount(config.get("mounts"), mount_point), mount_program)
 
 
 # ---------------------------------------------------------------------------
@@ -619,6 +723,14 @@ def raise_open_file_limit() -> None:
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def excluding(entries: Iterable[Entry], excluded: frozenset[bytes]) -> Iterable[Entry]:
+    """The entries but the excluded paths and everything under them (no whiteout made)."""
+    if not excluded:
+        return entries
+    under = tuple(rel + b"/" for rel in excluded)
+    return (e for e in entries if e.rel not in excluded and not e.rel.startswith(under))
 
 
 def check_representable(entry: Entry, upper: Upper) -> None:
@@ -969,22 +1081,29 @@ class XattrWriter:
 
 class Hardlinks:
     """The first archived path of each hardlinked inode, until all its links are seen:
-    memory grows with the inodes whose links are still to come, not with the upperdir."""
+    memory grows with the inodes whose other links are still to come (about 140 bytes
+    each), not with the upperdir.  An upperdir is one filesystem: the inode number
+    is the key."""
 
     def __init__(self) -> None:
-        self.pending: dict[tuple[int, int], list] = {}
+        self.first: dict[int, bytes] = {}
+        self.left: dict[int, int] = {}  # links still to come, for inodes with more than 2
 
     def first_link(self, st: os.stat_result, path: bytes) -> bytes | None:
         """None for the first link (path is remembered), else the first link's path."""
-        key = (st.st_dev, st.st_ino)
-        seen = self.pending.get(key)
-        if seen is None:
-            self.pending[key] = [path, st.st_nlink - 1]
+        ino = st.st_ino
+        first = self.first.get(ino)
+        if first is None:
+            self.first[ino] = path
+            if st.st_nlink > 2:
+                self.left[ino] = st.st_nlink - 1
             return None
-        seen[1] -= 1
-        if seen[1] <= 0:
-            del self.pending[key]
-        return seen[0]
+        left = self.left.pop(ino, 1) - 1
+        if left > 0:
+            self.left[ino] = left
+        else:
+            del self.first[ino]
+        return first
 
 
 def is_hardlink(entry: Entry) -> bool:
@@ -1667,15 +1786,16 @@ def layer_descriptor(sink: TarSink, compressor: str) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def archive_one(archive: Archive, mounts: object, opts: Options) -> None:
+def archive_one(archive: Archive, config: dict, bundle: str, opts: Options) -> None:
     started = time.monotonic()
-    upper = find_upper(find_mount(mounts, archive.mount_point), opts.mount_program)
+    excluded = parse_exclude(archive.exclude)
+    upper = locate_upper(archive.mount_point, config, bundle, opts.mount_program)
     if archive.success:
         check_allowed(archive.success, opts.allow_dirs, "success")
     dest = Destination(archive.archive_to, opts.allow_dirs)
     try:
         remove_stale_temporaries(dest.dir_fd, dest.name, dest.parent)
-        stats = write_archive(archive, upper, dest)
+        stats = write_archive(archive, upper, dest, excluded)
     finally:
         dest.close()
     if archive.success:
@@ -1695,13 +1815,14 @@ def archive_one(archive: Archive, mounts: object, opts: Options) -> None:
     )
 
 
-def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
+def write_archive(archive: Archive, upper: Upper, dest: Destination,
+                  excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
     is_dir = archive.method == "copy"
     dest.check_kind(is_dir)
     stats = Stats()
     try:
         try:
-            write_temporary(archive, upper, dest, stats)
+            write_temporary(archive, upper, dest, stats, excluded)
             if stats.descriptor is not None:  # never an old descriptor beside a new layer
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(dest.name + ".json", dir_fd=dest.dir_fd)
@@ -1717,9 +1838,10 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination) -> Stats:
     return stats
 
 
-def write_temporary(archive: Archive, upper: Upper, dest: Destination, stats: Stats) -> None:
+def write_temporary(archive: Archive, upper: Upper, dest: Destination, stats: Stats,
+                    excluded: frozenset[bytes]) -> None:  # fmt: skip
     """The whole archive under its temporary name, durable on disk."""
-    entries = walk(upper)
+    entries = excluding(walk(upper), excluded)
     if archive.method == "copy":
         root_fd = dest.make_temp_dir()
         write_copy(entries, root_fd, archive, stats)
@@ -1763,7 +1885,7 @@ def run(stdin: bytes, opts: Options) -> int:
     failed = 0
     for archive in archives:  # every archive is attempted, whatever the others did
         try:
-            archive_one(archive, config.get("mounts"), opts)
+            archive_one(archive, config, state["bundle"], opts)
         except Exception as exc:  # noqa: BLE001 - one failure must not stop the others
             failed += 1
             log.error(
@@ -1793,6 +1915,9 @@ named by annotations {ANNOTATION_PREFIX}<NAME>.<arg>:
                      oci-layer | oci-layer+zstd (an OCI image layer + <archive-to>.json)
   tar-content-owner  UID or UID:GID written as the owner of every tar entry
   compression-level  gzip: 0-3 (default 2), zstd: 1-22 (default 3)
+  exclude            absolute paths in the mount, ':' or ',' separated, left out
+\b
+mount-point / means the container's root filesystem (config.json root.path).
 \b
 Exit status: 0 all archives written (or none asked for), 1 an archive failed,
 2 unusable input.

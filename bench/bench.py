@@ -46,9 +46,19 @@ SEGMENT = MIB  # medium and large files are written in segments of mixed content
 STANDARD_TOOLS = {
     "cp -a": ("copy", "cp -a {src} {out}"),
     "tar -cf": ("tar", "tar -C {src} -cf {out} ."),
+    "tar pax xattrs": ("tar", "tar --format=pax --xattrs -C {src} -cf {out} ."),
     "tar -czf": ("tar.gz", "tar -C {src} -czf {out} ."),
     "tar | pigz -6": ("tar.gz", "tar -C {src} -cf - . | pigz -6 > {out}"),
     "tar | zstd -T0": ("tar.zst", "tar -C {src} -cf - . | zstd -q -T0 > {out}"),
+}
+SPARSE_TOOLS = {  # files with holes: the standard tools that keep them
+    "cp -a": ("copy", "cp -a {src} {out}"),
+    "tar --sparse": ("tar", "tar --format=pax --sparse -C {src} -cf {out} ."),
+    "tar --sparse | pigz": ("tar.gz", "tar --format=pax --sparse -C {src} -cf - . | pigz > {out}"),
+    "tar --sparse | zstd": (
+        "tar.zst",
+        "tar --format=pax --sparse -C {src} -cf - . | zstd -q -T0 > {out}",
+    ),
 }
 XFS_TOOLS = {
     "cp -a": ("copy", "cp -a {src} {out}"),  # coreutils >= 9 reflinks by default
@@ -210,6 +220,53 @@ def build_small_files_fixture(root: Path, count: int) -> None:
     _fix_times(upper)
 
 
+def build_sparse_fixture(root: Path, count: int) -> None:
+    """count files of 2 GiB each holding 20 KiB of data at a few offsets: a VM disk
+    image or a database file with holes.  It costs its data, not its size."""
+    upper = root / "upper"
+    rng = random.Random(count)
+    for i in range(count):
+        fd = os.open(upper / f"disk{i}.img", os.O_WRONLY | os.O_CREAT, 0o644)
+        for offset in (0, 1 << 20, 700 << 20, (2 << 30) - 8192):
+            os.pwrite(fd, rng.randbytes(5 * 1024), offset)
+        os.ftruncate(fd, 2 << 30)
+        os.close(fd)
+    _fix_times(upper)
+
+
+def build_dirs_fixture(root: Path, count: int) -> None:
+    """count empty directories, 1000 per parent: memory must not grow with them."""
+    upper = root / "upper"
+    for i in range(count):
+        d = upper / f"d{i // 1000:04d}"
+        if i % 1000 == 0:
+            d.mkdir()
+        os.mkdir(d / f"e{i:07d}")
+    _fix_times(upper)
+
+
+def build_hardlinks_fixture(root: Path, count: int) -> None:
+    """count hardlink groups, each a file in a/ with its second link in b/: every group
+    stays open until the walk reaches b/, the worst case for the hook's memory."""
+    upper = root / "upper"
+    for d in ("a", "b"):
+        for i in range(0, count, 1000):
+            (upper / d / f"{i // 1000:04d}").mkdir(parents=True)
+    for i in range(count):
+        first = upper / "a" / f"{i // 1000:04d}" / f"f{i:07d}"
+        first.touch()
+        os.link(first, upper / "b" / f"{i // 1000:04d}" / f"f{i:07d}")
+    _fix_times(upper)
+
+
+FIXTURE_BUILDERS = {
+    "small-files": build_small_files_fixture,
+    "sparse": build_sparse_fixture,
+    "dirs": build_dirs_fixture,
+    "hardlinks": build_hardlinks_fixture,
+}
+
+
 def _fix_times(upper: Path) -> None:
     """Deterministic mtimes (ns), bottom-up so directory times stick."""
     t = 1_700_000_000_123_456_789
@@ -248,8 +305,8 @@ def ensure_fixture(root: Path, params: dict) -> Fixture:
         (root / d).mkdir(parents=True)
     log(f"building fixture {root} {params} ...")
     t0 = time.monotonic()
-    if params["kind"] == "small-files":
-        build_small_files_fixture(root, params["count"])
+    if params["kind"] in FIXTURE_BUILDERS:
+        FIXTURE_BUILDERS[params["kind"]](root, params["count"])
     else:
         build_data_fixture(root, params["size_mb"], params["seed"])
     fx.entries, fx.data_bytes = count_tree(fx.upper)
@@ -404,7 +461,7 @@ def run_tool(
         tool.argv = [*hook_args]
         env: dict | None = {}  # engines run hooks with an empty environment
     else:
-        template = (STANDARD_TOOLS | XFS_TOOLS)[tool.name][1]
+        template = (STANDARD_TOOLS | XFS_TOOLS | SPARSE_TOOLS)[tool.name][1]
         if sync:
             template = f"( {template} ){SYNC['copy' if tool.method == 'copy' else 'tar']}"
         cmd = template.format(src=shlex.quote(str(fx.upper)), out=shlex.quote(str(out)))
@@ -623,6 +680,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="benchmark a tree of N empty files instead (default N 50000)",
     )
+    for kind, default, what in (
+        ("sparse", 2, "files of 2 GiB with 20 KiB of data each"),
+        ("dirs", 1_000_000, "empty directories (memory)"),
+        ("hardlinks", 200_000, "hardlink groups, second links in another directory (memory)"),
+    ):
+        p.add_argument(f"--{kind}", type=int, nargs="?", const=default, metavar="N",
+                       help=f"benchmark a tree of N {what} instead (default N {default})")  # fmt: skip
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--no-sync",
@@ -657,14 +721,18 @@ def main(argv: list[str] | None = None) -> int:
         run_hook = False
 
     a.workdir.mkdir(parents=True, exist_ok=True)
-    if a.small_files is not None:
-        params = {"kind": "small-files", "count": a.small_files}
-        fx_name, title = f"fixture-small-{a.small_files}", f"{a.small_files} empty files"
+    special = {"small-files": a.small_files, "sparse": a.sparse, "dirs": a.dirs,
+               "hardlinks": a.hardlinks}  # fmt: skip
+    kind = next((k for k, n in special.items() if n is not None), None)
+    if kind is not None:
+        count = special[kind]
+        params = {"kind": kind, "count": count}
+        fx_name, title = f"fixture-{kind}-{count}", f"{count} {kind}"
     else:
         params = {"kind": "data", "size_mb": a.size_mb, "seed": a.seed}
         fx_name, title = f"fixture-data-{a.size_mb}-s{a.seed}", f"data upperdir, {a.size_mb} MiB"
 
-    tools_spec = XFS_TOOLS if a.xfs else STANDARD_TOOLS
+    tools_spec = XFS_TOOLS if a.xfs else SPARSE_TOOLS if kind == "sparse" else STANDARD_TOOLS
     tools: list[Tool] = [Tool("hook no-op", NO_OP, True)] if run_hook else []
     for m in a.methods:
         if run_hook:
@@ -699,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
             fx,
             title
             + ({"xfs": " on XFS (reflink=1, loop)", "ext4": " on ext4 (loop)"}.get(fstype, "")),
-            per_entry=a.small_files is not None,
+            per_entry=kind in ("small-files", "dirs", "hardlinks"),
             disk=a.xfs,
             note=note,
         )
@@ -717,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
             " deleting many is slow for every tool (see --ext4)"
         )
     if fstype:
-        fixture_mb = a.size_mb if a.small_files is None else 64
+        fixture_mb = a.size_mb if kind is None else 64 if kind == "sparse" else 1024
         image_bytes = (fixture_mb * 3 + 1024) * MIB
         with LoopFs(fstype, a.workdir / f"bench-{fstype}.img", image_bytes) as mnt:
             bench(mnt)

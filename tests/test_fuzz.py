@@ -36,7 +36,8 @@ from hypothesis import strategies as st
 
 pytestmark = requires_root  # a tmpfs scratch (fast fsync) and device nodes in the upperdir
 
-ARGS = ["mount-point", "archive-to", "success", "method", "tar-content-owner", "compression-level"]
+ARGS = ["mount-point", "archive-to", "success", "method", "tar-content-owner", "compression-level",
+        "exclude"]  # fmt: skip
 METHODS = ["copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+zstd"]
 LEVELS = ["trace", "debug", "info", "warn", "warning", "error", "fatal", "panic"]
 QUIET_LEVELS = {"fatal", "panic"}  # these hide error lines: exit 1 may log nothing
@@ -336,6 +337,9 @@ compression_levels = st.one_of(
     st.integers().map(str),
     free_text,
 )
+excludes = st.sampled_from(
+    ["/dir", "/dir:/file", "/a,/b", "rel", "/x:rel", "/", "//", "/..", ":", ",", "", "/\x00"]
+) | free_text  # fmt: skip
 methods = st.sampled_from(METHODS + ["", "zip", "COPY", "tar.gz ", "tar.bz2"]) | free_text
 mount_points = st.sampled_from(
     ["/data", "/data/", "//data", "/data/../data", "/ro", "/bind", "/tmp", "/missing", "", "data",
@@ -383,7 +387,7 @@ class Strategies:
             self.values[confined] = {
                 "mount-point": mount_points, "archive-to": paths, "success": paths,
                 "method": methods, "tar-content-owner": owners,
-                "compression-level": compression_levels,
+                "compression-level": compression_levels, "exclude": excludes,
             }  # fmt: skip
             self.stray_values[confined] = {
                 arg: value | json_values | long_text for arg, value in self.values[confined].items()
@@ -429,7 +433,7 @@ def annotation_maps(draw, s: Strategies, confined: bool) -> dict[str, object]:
     annotations: dict[str, object] = {}
     for _ in range(draw(st.integers(0, 3))):
         name = draw(archive_names)
-        extra = draw(st.integers(0, 15))  # which of the optional args: one draw, not a list
+        extra = draw(st.integers(0, 31))  # which of the optional args: one draw, not a list
         for i, arg in enumerate(ARGS):
             if i < 2 or extra & (1 << (i - 2)):
                 annotations[f"{PREFIX}{name}.{arg}"] = draw(s.values[confined][arg])
