@@ -19,12 +19,13 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -46,15 +47,11 @@ pytestmark = requires_root
 ALL_METHODS = ("copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+zstd")
 TAR_METHODS = ("tar", "tar.gz", "tar.zst")
 LAYER_METHODS = ("oci-layer", "oci-layer+zstd")
-ZSTD_METHODS = ("tar.zst", "oci-layer+zstd")
 GIB = 1 << 30
 OVERLAY_XATTR = re.compile(r"^(trusted\.overlay\.|user\.overlay\.|user\.fuseoverlayfs\.)")
-HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def require_tools(*tools: str) -> None:
-    import shutil
-
     for tool in ("tar", "bsdtar", "getfacl", "setfacl", "zstd", *tools):
         require(shutil.which(tool) is not None, f"{tool} not installed")
 
@@ -143,6 +140,7 @@ def archive_name(method: str) -> str:
 def run_all(hook_bin: Path, work: Path, mount: Mount, methods=ALL_METHODS,
             out: Path | None = None) -> HookRun:  # fmt: skip
     """The hook, run once as an engine runs it, writing one archive per method."""
+    require_tools()
     out = out if out is not None else work / "out"
     annotations: dict[str, str] = {}
     for method in methods:
@@ -346,7 +344,6 @@ class Images:
     root: Path
     podman: Podman
     count: int = 0
-    pulled: list[str] = field(default_factory=list)
 
     def layout(self) -> Path:
         self.count += 1
@@ -872,6 +869,7 @@ def test_copy_warns_about_refused_xattrs_of_files(dest, hook_bin, tmp_path):
             (merged / "dir" / "inside").write_text("inside\n")
         out = tmp_path / "out"
         if dest == "ext4-enospc":
+            require_tools("mkfs.ext4")
             image = tmp_path / "ext4.img"
             with open(image, "wb") as f:
                 f.truncate(16 << 20)
