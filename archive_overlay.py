@@ -614,20 +614,24 @@ class Entry:
     directories past PATH_MAX).
     """
 
-    __slots__ = ("depth", "dir_fd", "name", "rel", "st", "xattrs")  # one per entry: keep it light
+    __slots__ = ("depth", "dir_fd", "dir_path", "name", "rel", "st", "xattrs")  # keep it light
 
     def __init__(self, rel: bytes, dir_fd: int, name: bytes, st: os.stat_result,
-                 xattrs: dict[str, bytes], depth: int) -> None:  # fmt: skip
+                 xattrs: dict[str, bytes], depth: int, dir_path: bytes | None = None) -> None:  # fmt: skip
         self.rel = rel  # b"." for the root, else b"dir/name"
         self.dir_fd = dir_fd  # the open directory holding it (the root: the upperdir itself)
         self.name = name  # its name there (the root: b".")
         self.st = st
         self.xattrs = xattrs
         self.depth = depth  # 0 for the root, 1 for its children, ...
+        self.dir_path = dir_path  # the directory's path, where short enough to use
 
     @property
     def path(self) -> bytes:
-        """A short path to the entry however deep it lies; never followed past the entry."""
+        """A path to the entry however deep it lies, for the calls that take no dir_fd
+        (xattrs); the last component is never followed."""
+        if self.dir_path is not None:  # the kernel resolves it faster than /proc/self/fd
+            return self.dir_path + b"/" + self.name
         return b"/proc/self/fd/%d/%s" % (self.dir_fd, self.name)
 
     @property
@@ -660,9 +664,13 @@ def sorted_names(dir_fd: int) -> Iterator[bytes]:
     return iter(sorted(os.fsencode(n) for n in os.listdir(dir_fd)))
 
 
-def read_entry(upper: Upper, dir_fd: int, name: bytes, rel: bytes, depth: int) -> Entry:
+PATH_USABLE = 3800  # a directory path short enough that path + "/" + name fits PATH_MAX
+
+
+def read_entry(upper: Upper, dir_fd: int, name: bytes, rel: bytes, depth: int,
+               dir_path: bytes | None) -> Entry:  # fmt: skip
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    entry = Entry(rel, dir_fd, name, st, {}, depth)
+    entry = Entry(rel, dir_fd, name, st, {}, depth, dir_path)
     entry.xattrs = read_xattrs(entry.path)
     if entry.xattrs:
         check_representable(entry, upper)
@@ -682,35 +690,37 @@ def walk(upper: Upper) -> Iterator[Entry]:
             raise ArchiveError(f"upperdir {upper.path} is not a directory") from None
         raise ArchiveError(f"cannot read upperdir {upper.path}: {exc.strerror}") from None
     raise_open_file_limit()
-    stack: list[tuple[int, bytes, Iterator[bytes]]] = []  # a container may nest dirs deeply
+    # Per level: the directory's fd, its path (None past PATH_USABLE), prefix, names.
+    stack: list[tuple[int, bytes | None, bytes, Iterator[bytes]]] = []
+    top_path = os.fsencode(upper.path)
     rel = b"."
     try:
         try:
-            root = read_entry(upper, top, b".", rel, 0)
-            stack.append((top, b"", sorted_names(top)))
+            root = read_entry(upper, top, b".", rel, 0, top_path)
+            stack.append((top, top_path, b"", sorted_names(top)))
         except BaseException:
             os.close(top)
             raise
         yield root
         while stack:
-            fd, prefix, names = stack[-1]
+            fd, dir_path, prefix, names = stack[-1]
             name = next(names, None)
             if name is None:
                 stack.pop()
                 os.close(fd)
                 continue
             rel = prefix + name
-            entry = read_entry(upper, fd, name, rel, len(stack))
+            entry = read_entry(upper, fd, name, rel, len(stack), dir_path)
             yield entry
             if stat.S_ISDIR(entry.st.st_mode):
-                rel = entry.rel
                 child = os.open(name, DIR_FLAGS, dir_fd=fd)
-                stack.append((child, rel + b"/", sorted_names(child)))
+                child_path = entry.path if dir_path and len(dir_path) < PATH_USABLE else None
+                stack.append((child, child_path, rel + b"/", sorted_names(child)))
     except OSError as exc:
         where = upper.path if rel == b"." else f"{upper.path}/{os.fsdecode(rel)}"
         raise ArchiveError(f"cannot read {where}: {exc.strerror}") from None
     finally:
-        for fd, _, _ in stack:
+        for fd, *_ in stack:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -970,6 +980,12 @@ class Destination:
             raise ArchiveError(f"archive-to {self.path} exists and is a directory")
 
 
+@cache
+def creator() -> tuple[int, int]:
+    """Who owns what the hook creates (uid 0 in a rootless podman's namespace too)."""
+    return os.geteuid(), os.getegid()
+
+
 def clear_inherited(fd: int) -> None:
     """A new directory takes a setgid parent's group and setgid bit, and its default
     ACL (which would reach every entry made inside): drop them, so the copy holds
@@ -1018,12 +1034,6 @@ def write_success(path: str, allow_dirs: tuple[str, ...]) -> None:
 
 FICLONE = 0x40049409
 WRITEBACK_SIZE = 1 << 20
-
-
-@cache
-def creator() -> tuple[int, int]:
-    """Who owns what the hook creates (uid 0 in a rootless podman's namespace too)."""
-    return os.geteuid(), os.getegid()
 
 
 COPY_CHUNK = 1 << 30
