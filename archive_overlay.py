@@ -872,7 +872,11 @@ def temp_name(name: str) -> str:
 def remove_stale_temporaries(dir_fd: int, name: str, shown_dir: str) -> None:
     """Temporaries for `name` left by runs killed mid-write (SIGKILL): remove them."""
     prefix = f".{name}{TMP_MARK}"
-    for entry in os.listdir(dir_fd):
+    try:
+        entries = os.listdir(dir_fd)
+    except OSError as exc:
+        raise ArchiveError(f"cannot read the directory {shown_dir}: {exc.strerror}") from None
+    for entry in entries:
         if entry.startswith(prefix) and is_stale(dir_fd, entry, entry[len(prefix) :]):
             log.info("removing a stale temporary", path=posixpath.join(shown_dir, entry))
             with contextlib.suppress(OSError):
@@ -952,22 +956,33 @@ class Destination:
         with contextlib.suppress(OSError):
             remove_at(self.dir_fd, self.tmp_name)
 
-    def commit(self, is_dir: bool) -> None:
-        """Rename the finished temporary onto archive-to; the old one goes only now."""
+    def commit(self, is_dir: bool, companions: tuple[tuple[str, str], ...] = ()) -> None:
+        """Put the temporary (and its companions: a layer's descriptor) in place, make the
+        directory durable, and only then remove what they replaced.  A failure on the
+        way puts everything back as it was."""
+        self.check_kind(is_dir)
+        placed: list[tuple[str, str, bool]] = []
         try:
-            renameat2(self.dir_fd, self.tmp_name, self.name, RENAME_NOREPLACE)
+            for tmp, name in ((self.tmp_name, self.name), *companions):
+                placed.append((tmp, name, put_in_place(self.dir_fd, tmp, name)))
+            os.fsync(self.dir_fd)
+        except BaseException:
+            for tmp, name, had_old in reversed(placed):
+                with contextlib.suppress(OSError):
+                    take_back(self.dir_fd, tmp, name, had_old)
+            raise
+        for tmp, _, had_old in placed:
+            if had_old:  # the replaced one, now under the temporary name
+                self.remove_replaced(tmp)
+
+    def remove_replaced(self, tmp: str) -> None:
+        try:
+            remove_at(self.dir_fd, tmp)
         except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                raise
-            if self.existing() is None:  # removed meanwhile
-                return self.commit(is_dir)
-            self.check_kind(is_dir)
-            if is_dir:
-                renameat2(self.dir_fd, self.tmp_name, self.name, RENAME_EXCHANGE)
-                self.discard_temp()  # the old tree, now under the temporary name
-            else:
-                os.rename(self.tmp_name, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-        os.fsync(self.dir_fd)
+            log.warning(
+                "what the archive replaced is left behind: the next run removes it",
+                path=posixpath.join(self.parent, tmp), error=describe(exc),
+            )  # fmt: skip
 
     def check_kind(self, is_dir: bool) -> None:
         """Fail before writing anything if archive-to is of the other kind."""
@@ -1000,32 +1015,70 @@ def clear_inherited(fd: int) -> None:
     os.fchmod(fd, 0o700)
 
 
-def write_file_at(dir_fd: int, name: str, data: bytes, shown_dir: str) -> None:
-    """A small file written whole under a temporary name, fsync'd, then renamed into place."""
-    remove_stale_temporaries(dir_fd, name, shown_dir)
+def put_in_place(dir_fd: int, tmp: str, name: str) -> bool:
+    """Rename tmp onto name; True if an old `name` was there: it is now under tmp."""
+    while True:
+        try:
+            renameat2(dir_fd, tmp, name, RENAME_NOREPLACE)
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        try:
+            renameat2(dir_fd, tmp, name, RENAME_EXCHANGE)
+            return True
+        except FileNotFoundError:  # the old one was removed meanwhile
+            continue
+
+
+def take_back(dir_fd: int, tmp: str, name: str, had_old: bool) -> None:
+    """Undo put_in_place: the old `name` back, the new one under tmp again."""
+    if had_old:
+        renameat2(dir_fd, tmp, name, RENAME_EXCHANGE)
+    else:
+        renameat2(dir_fd, name, tmp, RENAME_NOREPLACE)
+
+
+def write_temp_file(dir_fd: int, name: str, data: bytes) -> str:
+    """A small file written whole and fsync'd under a temporary name beside `name`."""
     tmp = temp_name(name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
     try:
         os.write(fd, data)
         os.fsync(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
     finally:
         os.close(fd)
+    return tmp
+
+
+def write_file_at(dir_fd: int, name: str, data: bytes, shown_dir: str) -> None:
+    """A small file written whole under a temporary name, fsync'd, then renamed into place."""
+    remove_stale_temporaries(dir_fd, name, shown_dir)
+    tmp = write_temp_file(dir_fd, name, data)
+    try:
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
     os.fsync(dir_fd)
 
 
 def write_success(path: str, allow_dirs: tuple[str, ...]) -> None:
     parent, name = posixpath.split(check_allowed(path, allow_dirs, "success"))
-    dir_fd = open_dir_nofollow(parent, create=True)
     try:
-        write_file_at(dir_fd, name, b"", parent)
-    finally:
-        os.close(dir_fd)
+        dir_fd = open_dir_nofollow(parent, create=True)
+        try:
+            write_file_at(dir_fd, name, b"", parent)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise ArchiveError(f"cannot write the success file {path}: {exc.strerror}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -1804,7 +1857,8 @@ def archive_one(archive: Archive, config: dict, bundle: str, opts: Options) -> N
         check_allowed(archive.success, opts.allow_dirs, "success")
     dest = Destination(archive.archive_to, opts.allow_dirs)
     try:
-        remove_stale_temporaries(dest.dir_fd, dest.name, dest.parent)
+        for name in (dest.name, dest.name + ".json"):
+            remove_stale_temporaries(dest.dir_fd, name, dest.parent)
         stats = write_archive(archive, upper, dest, excluded)
     finally:
         dest.close()
@@ -1830,21 +1884,23 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination,
     is_dir = archive.method == "copy"
     dest.check_kind(is_dir)
     stats = Stats()
+    companions: tuple[tuple[str, str], ...] = ()
     try:
         try:
             write_temporary(archive, upper, dest, stats, excluded)
-            if stats.descriptor is not None:  # never an old descriptor beside a new layer
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(dest.name + ".json", dir_fd=dest.dir_fd)
-            dest.commit(is_dir)
+            if stats.descriptor is not None:  # the layer and its descriptor go in together
+                data = json.dumps(stats.descriptor, indent=2).encode() + b"\n"
+                json_name = dest.name + ".json"
+                companions = ((write_temp_file(dest.dir_fd, json_name, data), json_name),)
+            dest.commit(is_dir, companions)
         except OSError as exc:
             raise ArchiveError(failure(exc, upper, dest, stats)) from None
     except BaseException:
         dest.discard_temp()
+        for tmp, _ in companions:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dest.dir_fd)
         raise
-    if stats.descriptor is not None:
-        descriptor = json.dumps(stats.descriptor, indent=2).encode() + b"\n"
-        write_file_at(dest.dir_fd, dest.name + ".json", descriptor, dest.parent)
     return stats
 
 
