@@ -291,17 +291,17 @@ ARCHIVE_METHODS = ("copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+z
 COMPRESSION_LEVELS = {"gzip": range(4), "zstd": range(1, 23)}
 
 
-@dataclass
 class Archive:
-    """One archive asked for by annotations."""
+    """One archive asked for by annotations (a plain class: a dataclass costs start-up)."""
 
-    name: str
-    mount_point: str = ""
-    archive_to: str = ""
-    success: str = ""
-    method: str = "copy"
-    owner: tuple[int, int] | None = None
-    compression_level: int | None = None
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mount_point = ""
+        self.archive_to = ""
+        self.success = ""
+        self.method = "copy"
+        self.owner: tuple[int, int] | None = None
+        self.compression_level: int | None = None
 
     @property
     def compressor(self) -> str | None:
@@ -396,12 +396,12 @@ def is_complete(archive: Archive) -> bool:
 ESCAPED = "overlay."
 
 
-@dataclass
 class Upper:
     """An upperdir and the xattr namespaces its overlay keeps markers in."""
 
-    path: str
-    marker_prefixes: tuple[str, ...]  # e.g. ("trusted.overlay.",)
+    def __init__(self, path: str, marker_prefixes: tuple[str, ...]) -> None:
+        self.path = path
+        self.marker_prefixes = marker_prefixes  # e.g. ("trusted.overlay.",)
 
     def marker(self, xattr: str) -> str | None:
         """The overlay marker an xattr is ("opaque", "redirect", ...), None for user data.
