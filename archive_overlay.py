@@ -50,12 +50,17 @@ DEFERRED_LOCK = RLock()
 
 
 class DeferredModule(types.ModuleType):
-    """A module not run yet: the first name asked of it that it lacks runs it, in place."""
+    """A module not run yet: the first name asked of it that it lacks runs it, in place.
+
+    A package's __path__ is among those names, so importing one of its submodules runs it.
+    """
 
     def __getattr__(self, name: str) -> object:
         with DEFERRED_LOCK:
             if type(self) is DeferredModule:  # another thread may have run it meanwhile
                 self.__class__ = types.ModuleType
+                if self.__spec__.submodule_search_locations is not None:
+                    self.__path__ = self.__spec__.submodule_search_locations
                 try:
                     self.__spec__.loader.exec_module(self)
                 except BaseException:
@@ -71,6 +76,7 @@ def defer_imports(*names: str) -> None:
         if spec is None or not hasattr(spec.loader, "exec_module"):
             continue  # a plain import will load it, or tell what is wrong
         module = importlib.util.module_from_spec(spec)
+        module.__dict__.pop("__path__", None)  # set again when it runs
         module.__class__ = DeferredModule
         sys.modules[name] = module
 
