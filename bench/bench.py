@@ -607,7 +607,8 @@ def startup_runs(hook_args: list[str], go_hook: Path | None) -> list[tuple[str, 
     python3 = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else shutil.which("python3")
     runs = [("`python3 -c pass`", [python3, "-c", "pass"], NO_OP)]
     hook_python = interpreter_of(Path(hook_args[0]))
-    if hook_python:  # the floor: the two libraries the design requires, nothing of the hook
+    if hook_python:  # the two libraries the design requires, imported plainly
+        runs.append(("`import click` (hook's python)", [hook_python, "-c", "import click"], NO_OP))
         floor = [hook_python, "-c", "import click, structlog"]
         runs.append(("`import click, structlog` (hook's python)", floor, NO_OP))
     runs.append(("hook, nothing to archive", hook_args, NO_OP))
