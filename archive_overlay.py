@@ -7,9 +7,9 @@ bundle's config.json, finds the overlay mounts named by annotations
 each mount's upperdir (the container's changes) to a path on the host, as a
 directory copy or a tar stream.
 
-The module reads top to bottom: inputs (state, config, annotations), finding
-upperdirs, walking an upperdir, the destination (safe and atomic), the
-writers, then the command.
+The module reads top to bottom: start-up (load only what a run uses), inputs
+(state, config, annotations), finding upperdirs, walking an upperdir, the
+destination (safe and atomic), the writers, then the command.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import signal
 import stat
 import struct
 import sys
+import threading
 import time
 import types
 import zlib
-from _thread import RLock
 from collections.abc import Iterable, Iterator
 from functools import cache
 from typing import BinaryIO, Callable, NoReturn
@@ -46,7 +46,7 @@ from typing import BinaryIO, Callable, NoReturn
 
 GC_WAS_ENABLED = gc.isenabled()
 gc.disable()  # until the imports are done: what they make lives until exit, no cycles to find
-DEFERRED_LOCK = RLock()
+DEFERRED_LOCK = threading.RLock()
 
 
 class DeferredModule(types.ModuleType):
