@@ -14,10 +14,14 @@ destination (safe and atomic), the writers, then the command.
 
 from __future__ import annotations
 
+import gc
+
+GC_WAS_ENABLED = gc.isenabled()
+gc.disable()  # until the imports are done (see Start-up below)
+
 import contextlib
 import errno
 import fcntl
-import gc
 import grp
 import importlib.machinery
 import importlib.util
@@ -42,10 +46,11 @@ from typing import BinaryIO, Callable, NoReturn
 # what it uses: a module that click, structlog or this hook imports but a run
 # may never call gets a stand-in in sys.modules, and its code runs when one of
 # its names is first used.  tests/test_startup.py checks what a run loads.
+# What the imports make lives until exit, so the garbage collector is paused
+# while they run (it would find no cycles) and, in the hook's own process,
+# told to leave those objects alone for good.
 # ---------------------------------------------------------------------------
 
-GC_WAS_ENABLED = gc.isenabled()
-gc.disable()  # until the imports are done: what they make lives until exit, no cycles to find
 DEFERRED_LOCK = threading.RLock()
 
 
@@ -92,6 +97,13 @@ def spec_without_running(name: str) -> importlib.machinery.ModuleSpec | None:
     return importlib.machinery.PathFinder.find_spec(name, package.submodule_search_locations)
 
 
+def started_as_the_hook() -> bool:
+    """Whether this process is the hook (its console script, or this file run as one),
+    not a program that imports it."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+    return os.path.basename(main_file) in ("archive_overlay", "archive_overlay.py")
+
+
 defer_imports(
     "asyncio",  # structlog's async log methods: the hook logs synchronously
     "copy",  # structlog's and dataclasses' copying of loggers and instances: not done here
@@ -115,6 +127,8 @@ import click
 import structlog
 
 if GC_WAS_ENABLED:
+    if started_as_the_hook():
+        gc.freeze()  # what start-up made lives until exit: never look for cycles in it
     gc.enable()
 
 __version__ = "3.0.0"

@@ -140,13 +140,16 @@ def test_a_module_put_off_is_loaded_when_a_run_uses_it(hook_bin, tmp_path):
 
 
 def test_modules_put_off_work_for_a_program_that_imports_the_hook(hook_bin):
-    """Importing archive_overlay as a library leaves asyncio, logging and structlog whole."""
+    """Importing archive_overlay as a library leaves asyncio, logging, structlog and the
+    garbage collector as they would be without it."""
     code = (
         "import archive_overlay, asyncio, logging, structlog, structlog.stdlib, shutil\n"
         "assert asyncio.run(asyncio.sleep(0, 'ok')) == 'ok'\n"
         "logging.getLogger('x').addHandler(logging.NullHandler())\n"
         "assert structlog.stdlib.get_logger() is not None\n"
         "assert callable(shutil.rmtree) and type(asyncio).__name__ == 'module'\n"
+        "import gc\n"  # the collector is back, and nothing of the importer's is frozen
+        "assert gc.isenabled() and gc.get_freeze_count() == 0\n"
     )
     proc = subprocess.run(
         [interpreter(hook_bin), "-c", code], capture_output=True, env={}, cwd="/", check=False
