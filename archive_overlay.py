@@ -107,6 +107,7 @@ def started_as_the_hook() -> bool:
 defer_imports(
     "asyncio",  # structlog's async log methods: the hook logs synchronously
     "copy",  # structlog's and dataclasses' copying of loggers and instances: not done here
+    "linecache",  # traceback's and inspect's, for source lines: the hook logs one line
     "logging",  # structlog's bridge to stdlib logging: not used
     "textwrap",  # traceback's, for printing tracebacks: the hook logs one line instead
     "tokenize",  # linecache's and inspect's, for reading source files: not done here

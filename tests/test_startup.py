@@ -48,6 +48,7 @@ NEVER = {
     "structlog.threadlocal": "deprecated part of structlog",
     "textwrap": "for printing tracebacks: the hook logs one line",
     "tokenize": "for reading source files",
+    "linecache": "the same",
     "copy": "for copying loggers",
     "secrets": "temporaries' names come from os.urandom",
 }
