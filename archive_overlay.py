@@ -1561,8 +1561,8 @@ def main(log_level: str, use_syslog: bool, log_file: str | None, mount_program: 
 
 def console_script() -> NoReturn:
     """The installed `archive_overlay`: main, then an exit without the interpreter's
-    teardown (freeing every loaded module: a tenth of a run's cost when there is
-    nothing to archive).  Log records are written and flushed as they happen."""
+    teardown (freeing every module's objects one by one; the kernel frees the process
+    at once).  Log records are written and flushed as they happen."""
     try:
         main()
         status = EXIT_OK
