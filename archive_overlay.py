@@ -8,39 +8,130 @@ each mount's upperdir (the container's changes; for mount-point /, its root
 filesystem's) to a path on the host, as a directory copy, a tar stream, or a
 tagged revision of an OCI image layout.
 
-The module reads top to bottom: inputs (state, config, annotations), finding
-upperdirs, walking an upperdir, the destination (safe and atomic), the
-writers, then the command.
+The module reads top to bottom: start-up (load only what a run uses), inputs
+(state, config, annotations), finding upperdirs, walking an upperdir, the
+destination (safe and atomic), the writers, then the command.
 """
 
 from __future__ import annotations
 
+import gc
+
+GC_WAS_ENABLED = gc.isenabled()
+gc.disable()  # until the imports are done (see Start-up below)
+
 import contextlib
-import ctypes
 import errno
 import fcntl
 import grp
-import hashlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import posixpath
 import pwd
 import re
-import secrets
-import shutil
 import signal
 import stat
 import struct
 import sys
+import threading
 import time
+import types
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from functools import cache
 from typing import BinaryIO, Callable, NoReturn
 
+# ---------------------------------------------------------------------------
+# Start-up.  Every container stop waits for this process, so a run loads only
+# what it uses: a module that click, structlog or this hook imports but a run
+# may never call gets a stand-in in sys.modules, and its code runs when one of
+# its names is first used.  tests/test_startup.py checks what a run loads.
+# What the imports make lives until exit, so the garbage collector is paused
+# while they run (it would find no cycles) and, in the hook's own process,
+# told to leave those objects alone for good.
+# ---------------------------------------------------------------------------
+
+DEFERRED_LOCK = threading.RLock()
+
+
+class DeferredModule(types.ModuleType):
+    """A module not run yet: the first name asked of it that it lacks runs it, in place.
+
+    A package's __path__ is among those names, so importing one of its submodules runs it.
+    """
+
+    def __getattr__(self, name: str) -> object:
+        with DEFERRED_LOCK:
+            if type(self) is DeferredModule:  # another thread may have run it meanwhile
+                self.__class__ = types.ModuleType
+                if self.__spec__.submodule_search_locations is not None:
+                    self.__path__ = self.__spec__.submodule_search_locations
+                try:
+                    self.__spec__.loader.exec_module(self)
+                except BaseException:
+                    sys.modules.pop(self.__name__, None)  # as a failed import leaves it
+                    raise
+        return getattr(self, name)
+
+
+def defer_imports(*names: str) -> None:
+    """Stand-ins for these modules, unless imported already or not installed."""
+    for name in names:
+        spec = None if name in sys.modules else spec_without_running(name)
+        if spec is None or not hasattr(spec.loader, "exec_module"):
+            continue  # a plain import will load it, or tell what is wrong
+        module = importlib.util.module_from_spec(spec)
+        module.__dict__.pop("__path__", None)  # set again when it runs
+        module.__class__ = DeferredModule
+        sys.modules[name] = module
+
+
+def spec_without_running(name: str) -> importlib.machinery.ModuleSpec | None:
+    """Where a module is, found without running its package's __init__."""
+    parent, _, _ = name.rpartition(".")
+    if not parent:
+        return importlib.util.find_spec(name)
+    package = importlib.util.find_spec(parent)
+    if package is None or not package.submodule_search_locations:
+        return None
+    return importlib.machinery.PathFinder.find_spec(name, package.submodule_search_locations)
+
+
+def started_as_the_hook() -> bool:
+    """Whether this process is the hook (its console script, or this file run as one),
+    not a program that imports it."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+    return os.path.basename(main_file) in ("archive_overlay", "archive_overlay.py")
+
+
+defer_imports(
+    "asyncio",  # structlog's async log methods: the hook logs synchronously
+    "copy",  # structlog's and dataclasses' copying of loggers and instances: not done here
+    "linecache",  # traceback's and inspect's, for source lines: the hook logs one line
+    "logging",  # structlog's bridge to stdlib logging: not used
+    "textwrap",  # traceback's, for printing tracebacks: the hook logs one line instead
+    "tokenize",  # linecache's and inspect's, for reading source files: not done here
+    "structlog.stdlib",  # imported by structlog's package, used by nobody here
+    "structlog.threadlocal",  # deprecated, imported by structlog's package
+    "ctypes",  # glibc calls: only when an archive is committed
+    "hashlib",  # oci-layer digests only
+    "shutil",  # removing an old directory archive only
+)
+
+# After defer_imports, which must run first:
+import ctypes
+import hashlib
+import shutil
+
 import click
 import structlog
+
+if GC_WAS_ENABLED:
+    if started_as_the_hook():
+        gc.freeze()  # what start-up made lives until exit: never look for cycles in it
+    gc.enable()
 
 __version__ = "3.0.0"
 
@@ -241,22 +332,22 @@ IMAGE_METHODS = ("oci-image", "oci-image+zstd")
 COMPRESSION_LEVELS = {"gzip": range(4), "zstd": range(1, 23)}
 
 
-@dataclass
 class Archive:
-    """One archive asked for by annotations."""
+    """One archive asked for by annotations (a plain class: a dataclass costs start-up)."""
 
-    name: str
-    mount_point: str = ""
-    archive_to: str = ""
-    success: str = ""
-    method: str = "copy"
-    owner: tuple[int, int] | None = None
-    compression_level: int | None = None
-    exclude: str = ""  # absolute paths in the mount, ':' or ',' separated
-    image_tag: str = ""
-    image_base: str = ""
-    # Annotations that cannot be honoured, as (key, why): the archive is not written.
-    refused: list[tuple[str, str]] = field(default_factory=list)
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mount_point = ""
+        self.archive_to = ""
+        self.success = ""
+        self.method = "copy"
+        self.owner: tuple[int, int] | None = None
+        self.compression_level: int | None = None
+        self.exclude = ""  # absolute paths in the mount, ':' or ',' separated
+        self.image_tag = ""
+        self.image_base = ""
+        # Annotations that cannot be honoured, as (key, why): the archive is not written.
+        self.refused: list[tuple[str, str]] = []
 
     @property
     def compressor(self) -> str | None:
@@ -378,12 +469,12 @@ def level_problem(archive: Archive) -> str | None:
     return f"compression-level {level} out of range for method {archive.method} ({allowed})"
 
 
-@dataclass(frozen=True)
 class RunInfo:
     """What every archive of one run shares: the container's id and the run's time."""
 
-    container_id: str | None
-    when: time.struct_time  # UTC
+    def __init__(self, container_id: str | None, when: time.struct_time) -> None:
+        self.container_id = container_id
+        self.when = when  # UTC
 
     @property
     def stamp(self) -> str:
@@ -451,13 +542,13 @@ def expand_placeholders(archive: Archive, info: RunInfo) -> None:
 ESCAPED = "overlay."
 
 
-@dataclass
 class Upper:
     """An upperdir and the xattr namespaces its overlay keeps markers in."""
 
-    path: str
-    marker_prefixes: tuple[str, ...]  # e.g. ("trusted.overlay.",)
-    fuse: bool = False  # fuse-overlayfs: its .wh.* files are markers too
+    def __init__(self, path: str, marker_prefixes: tuple[str, ...], fuse: bool = False) -> None:
+        self.path = path
+        self.marker_prefixes = marker_prefixes  # e.g. ("trusted.overlay.",)
+        self.fuse = fuse  # fuse-overlayfs: its .wh.* files are markers too
 
     def marker(self, xattr: str) -> str | None:
         """The overlay marker an xattr is ("opaque", "redirect", ...), None for user data.
@@ -961,7 +1052,7 @@ def remove_at(dir_fd: int, name: str) -> None:
 
 def temp_name(name: str) -> str:
     """A temporary beside `name`, recognisable as ours and as whose (the pid)."""
-    return f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    return f".{name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def remove_stale_temporaries(dir_fd: int, name: str, shown_dir: str) -> None:
@@ -1188,14 +1279,16 @@ WRITEBACK_SIZE = 1 << 20
 COPY_CHUNK = 1 << 30
 
 
-@dataclass
 class Stats:
-    entries: int = 0
-    bytes: int = 0  # file data read from the upperdir
-    archive_bytes: int = 0  # what the archive file holds (tar methods)
-    descriptor: dict | None = None  # oci-layer: what <archive-to>.json says
-    current: bytes | None = None  # the entry being written: errors name it
-    xattrs_not_kept: int = 0  # copy: xattrs the destination refused
+    """What a writer did, for the log; and the entry it is at, for an error."""
+
+    def __init__(self) -> None:
+        self.entries = 0
+        self.bytes = 0  # file data read from the upperdir
+        self.archive_bytes = 0  # what the archive file holds (tar methods)
+        self.descriptor: dict | None = None  # oci-layer: what <archive-to>.json says
+        self.current: bytes | None = None  # the entry being written: errors name it
+        self.xattrs_not_kept = 0  # copy: xattrs the destination refused
 
 
 XATTR_REFUSED = {
@@ -1965,14 +2058,15 @@ def is_ref_name(value: str) -> bool:
     return all(REF_NAME_RE.fullmatch(c) for c in value.split("/"))
 
 
-@dataclass
 class Base:
     """The revision a new one goes on top of; None fields for a first revision."""
 
-    manifest: dict
-    config: dict
-    digest: str | None = None
-    name: str | None = None
+    def __init__(self, manifest: dict, config: dict, digest: str | None = None,
+                 name: str | None = None) -> None:  # fmt: skip
+        self.manifest = manifest
+        self.config = config
+        self.digest = digest
+        self.name = name
 
 
 class Layout:
@@ -2400,10 +2494,12 @@ def failure(exc: OSError, upper: Upper, target: str, stats: Stats) -> str:
     return f"cannot archive {entry} into {target}: {exc.strerror or exc}"
 
 
-@dataclass
 class Options:
-    mount_program: str = DEFAULT_MOUNT_PROGRAM
-    allow_dirs: tuple[str, ...] = ()
+    """What the command line sets for archiving (a plain class: a dataclass costs start-up)."""
+
+    def __init__(self, mount_program: str, allow_dirs: tuple[str, ...]) -> None:
+        self.mount_program = mount_program
+        self.allow_dirs = allow_dirs
 
 
 def run(stdin: bytes, opts: Options) -> int:
@@ -2534,5 +2630,22 @@ def main(log_level: str, use_syslog: bool, log_file: str | None, mount_program: 
     sys.exit(status)
 
 
+def console_script() -> NoReturn:
+    """The installed `archive_overlay`: main, then an exit without the interpreter's
+    teardown (freeing every module's objects one by one; the kernel frees the process
+    at once).  Log records are written and flushed as they happen."""
+    try:
+        main()
+        status = EXIT_OK
+    except SystemExit as exc:  # how click ends a command, every time
+        if exc.code is not None and not isinstance(exc.code, int):
+            raise
+        status = exc.code or EXIT_OK
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    main()
+    console_script()

@@ -634,6 +634,114 @@ def ext4_without_journal(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# Start-up (--startup): the fixed cost every container stop pays, since the
+# engine waits for the hook. Whole processes, run as engines run the hook.
+
+
+def small_upperdir_states(base: Path) -> dict[str, bytes]:
+    """State JSONs for a run with nothing to archive and for a tar.gz of a one-file upperdir."""
+    for d in ("upper", "lower", "work"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    (base / "upper" / "greeting").write_bytes(b"hello\n")
+    fx = Fixture(base, entries=2, data_bytes=6)
+    return {
+        NO_OP: hook_stdin(base, fx, NO_OP, base / "unused"),
+        "tar.gz": hook_stdin(base, fx, "tar.gz", base / "out.tar.gz"),
+    }
+
+
+def interpreter_of(script: Path) -> str | None:
+    """The interpreter a console script names on its #! line; None for a binary."""
+    with open(script, "rb") as f:
+        first = f.readline()
+    return first[2:].split()[0].decode() if first.startswith(b"#!") else None
+
+
+def startup_runs(hook_args: list[str], go_hook: Path | None) -> list[tuple[str, list[str], str]]:
+    """(row name, argv, state to pipe) for each row, the yardstick first."""
+    # Debian's python3, which the README's install makes the hook's venv from (a python3
+    # found on PATH may be a wrapper, e.g. pyenv's shim, that takes far longer to start).
+    python3 = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else shutil.which("python3")
+    runs = [("`python3 -c pass`", [python3, "-c", "pass"], NO_OP)]
+    hook_python = interpreter_of(Path(hook_args[0]))
+    if hook_python:  # the two libraries the design requires, imported plainly
+        runs.append(("`import click` (hook's python)", [hook_python, "-c", "import click"], NO_OP))
+        floor = [hook_python, "-c", "import click, structlog"]
+        runs.append(("`import click, structlog` (hook's python)", floor, NO_OP))
+    runs.append(("hook, nothing to archive", hook_args, NO_OP))
+    runs.append(("hook, one-file upperdir to tar.gz", hook_args, "tar.gz"))
+    if go_hook:
+        runs.append(("Go hook, nothing to archive", [str(go_hook)], NO_OP))
+        runs.append(("Go hook, one-file upperdir to tar.gz", [str(go_hook)], "tar.gz"))
+    return runs
+
+
+def time_once(argv: list[str], stdin: bytes) -> tuple[int, float, float]:
+    """(exit status, wall s, cpu s) of one run: empty environment, state piped, output dropped."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={}
+    )
+    try:
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # python3 -c pass exits without reading it
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    return os.waitstatus_to_exitcode(status), wall, ru.ru_utime + ru.ru_stime
+
+
+def bench_startup(base: Path, hook_args: list[str], go_hook: Path | None, rounds: int) -> int:
+    shutil.rmtree(base, ignore_errors=True)
+    states = small_upperdir_states(base)
+    runs = startup_runs(hook_args, go_hook)
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in runs}
+    failed: dict[str, str] = {}
+    for r in range(rounds + 1):  # round 0 warms up, untimed
+        for name, argv, state in runs[r % len(runs) :] + runs[: r % len(runs)]:
+            (base / "out.tar.gz").unlink(missing_ok=True)  # each archive run writes it anew
+            rc, wall, cpu = time_once(argv, states[state])
+            if rc != 0 or (state == "tar.gz" and not (base / "out.tar.gz").is_file()):
+                failed[name] = f"exit {rc}, archive {'written' if rc == 0 else 'missing'}"
+            elif r:
+                samples[name].append((wall, cpu))
+    print_startup_table(runs, samples, failed, rounds)
+    shutil.rmtree(base, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def print_startup_table(runs: list, samples: dict, failed: dict, rounds: int) -> None:
+    """Medians, and each run's ratio to the yardstick's run of the same round (median)."""
+    print("\n### Start-up: one run of the hook, whole process\n")
+    print(
+        f"{os.cpu_count()} CPUs; median of {rounds} rounds, the runs alternating; empty "
+        f"environment, state JSON piped; load average at the end {os.getloadavg()[0]:.2f}\n"
+    )
+    yardstick = samples[runs[0][0]]
+    print(
+        "| run | median wall ms | wall / python3 -c pass | median CPU ms | CPU / python3 -c pass |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, _, _ in runs:
+        if name in failed:
+            print(f"| {name} | FAILED: {failed[name]} | | | |")
+            continue
+        walls, cpus = [w for w, _ in samples[name]], [c for _, c in samples[name]]
+        wall_ratios = [w / y[0] for w, y in zip(walls, yardstick)]
+        cpu_ratios = [c / y[1] for c, y in zip(cpus, yardstick) if y[1] > 0]
+        print(
+            f"| {name} | {median(walls) * 1e3:.1f} | {median(wall_ratios):.2f} "
+            f"| {median(cpus) * 1e3:.1f} | {median(cpu_ratios):.2f} |"
+        )
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+# ---------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -687,6 +795,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         p.add_argument(f"--{kind}", type=int, nargs="?", const=default, metavar="N",
                        help=f"benchmark a tree of N {what} instead (default N {default})")  # fmt: skip
+    p.add_argument(
+        "--startup",
+        type=int,
+        nargs="?",
+        const=30,
+        metavar="ROUNDS",
+        help="time only the hook's start-up: no-op and one-file tar.gz runs against "
+        "python3 -c pass (default 30 rounds)",
+    )
+    p.add_argument(
+        "--go-hook",
+        type=Path,
+        help="with --startup, also time this built Go archive_overlay hook",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--no-sync",
@@ -721,6 +843,12 @@ def main(argv: list[str] | None = None) -> int:
         run_hook = False
 
     a.workdir.mkdir(parents=True, exist_ok=True)
+    if a.startup is not None:
+        if not run_hook:
+            sys.exit("--startup needs the installed hook (--hook)")
+        return bench_startup(
+            a.workdir / "startup", [str(a.hook), *a.hook_arg], a.go_hook, a.startup
+        )
     special = {"small-files": a.small_files, "sparse": a.sparse, "dirs": a.dirs,
                "hardlinks": a.hardlinks}  # fmt: skip
     kind = next((k for k, n in special.items() if n is not None), None)

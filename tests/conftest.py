@@ -26,6 +26,38 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
+CLONE_NEWNS = 0x00020000
+
+
+def keep_host_var_lib_clean() -> None:
+    """Run the whole session in a private mount namespace whose /var/lib is an overlay
+    onto a scratch directory: rootful podman and skopeo write their blob-info cache to
+    /var/lib/containers/cache whatever their configuration says, and the tests must
+    change nothing outside their own temporary directories.  Every process the tests
+    start (podman, the hook, the rootless user's podman) inherits the namespace."""
+    if not is_root() or os.environ.get("ARCHIVE_OVERLAY_TEST_NS") == str(os.getpid()):
+        return
+    import ctypes
+    import tempfile
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) for the test session")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    scratch = Path(tempfile.mkdtemp(prefix="ao-var-lib-", dir="/var/tmp"))
+    (scratch / "upper").mkdir()
+    (scratch / "work").mkdir()
+    opts = f"lowerdir=/var/lib,upperdir={scratch}/upper,workdir={scratch}/work"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, "/var/lib"], check=True)
+    os.environ["ARCHIVE_OVERLAY_TEST_NS"] = str(os.getpid())
+    import atexit
+
+    atexit.register(shutil.rmtree, scratch, True)  # the namespace goes with the process
+
+
+keep_host_var_lib_clean()
+
+
 requires_root = pytest.mark.skipif(not is_root(), reason="needs root: mounts overlayfs")
 
 

@@ -17,10 +17,16 @@ podman's own entries excluded) and `/vol`:
 Engines: podman rootful and rootless, native overlay and fuse-overlayfs; runc
 with an overlay rootfs mounted here. Quick checks of exclude and of the
 errors run on overlays mounted here.
+
+The commit-on-exit loop: the container's own image in an OCI layout, three
+runs, each committed by `oci-image` as the revision the next run starts from
+(podman rootful and rootless, native overlay and fuse-overlayfs), and the
+README's worked example of it, run as written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -33,11 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import archive_annotations, is_root, state_json, write_bundle
+from conftest import REPO, archive_annotations, is_root, state_json, write_bundle
 from engines import (
     FUSE_OVERLAYFS,
     TEST_USER,
     Podman,
+    User,
+    build_oci_image,
+    build_rootfs,
     ensure_fuse_device,
     ensure_user,
     remove_tree,
@@ -46,7 +55,19 @@ from engines import (
     runc_config,
     scratch_dir,
 )
-from test_archive import read_members, snapshot
+from test_archive import raw_member_names, read_members, snapshot
+from test_oci_image import (
+    RUN_CHANGES,
+    RUNS,
+    assert_run_changes,
+    check_layout,
+    read_json_blob,
+    tagged,
+    user_tool,
+    write_loop_data,
+    written_manifest,
+)
+from test_oci_image import blob as layout_blob
 from test_oci_layer import (
     HOST_PATH,
     Tree,
@@ -58,6 +79,7 @@ from test_oci_layer import (
     require_tools,
     unpack_stacked,
 )
+from test_safety import HookRun
 
 # What podman 4.3 puts into every container's rootfs upperdir (measured, see
 # test_podman_root_filesystem): bind-mount targets and /etc/mtab.
@@ -177,6 +199,7 @@ class Scenario:
     rootless: bool = False
     fuse: bool = False
     commas: bool = False  # exclude given with commas, the annotation CSV-quoted
+    exclude: bool = True  # the commit-on-exit loop: with the README's exclude list
 
 
 SCENARIOS = [
@@ -386,6 +409,185 @@ def check_in_podman(podman: Podman, layout: Path, expected: Tree, diag: str) -> 
                   "sh", "-c", ROOT_LISTING, "sh", "/")  # fmt: skip
     got = without(parse_listing(proc.stdout), PODMAN_EXCLUDE)
     assert_same_tree(expected, got, f"podman's {image}", diag)
+
+
+# --- the commit-on-exit loop: each run a revision of the container's own image ----------------
+
+# The list the README gives a podman user for `/` (no volumes here).
+README_EXCLUDE = (*PODMAN_MADE, *MOUNT_POINTS)
+APP = "app"  # the image's tag in its layout, moved onto each new revision
+# `sh -c ROOT_LOOP sh / N`: the root listing, run N's changes (test_oci_image's, at the root, and
+# /etc/motd: a directory where podman puts its own entries), the root listing again.
+ROOT_LOOP = (ROOT_LISTING + "echo '#####'\n" + RUN_CHANGES
+             + 'echo "run $2" >> /etc/motd || exit 4\n' + ROOT_LISTING)  # fmt: skip
+
+LOOP_SCENARIOS = [
+    Scenario("rootful-native", "lrf"),
+    Scenario("rootful-fuse", "lrx", fuse=True),
+    Scenario("rootless-native", "lln", rootless=True),
+    Scenario("rootless-fuse", "llx", rootless=True, fuse=True),
+    Scenario("rootful-native-no-exclude", "lre", exclude=False),
+]
+# What podman leaves in a rootfs upperdir under --network none, without the exclude list.
+PLACEHOLDERS = {rel_of(p) for p in PODMAN_MADE} - {"etc/resolv.conf"}
+
+
+@pytest.fixture(scope="module")
+def app_image() -> Iterator[Path]:
+    """A world-reachable dir with an OCI layout `oci` holding `app`: busybox, getfattr, and
+    at its root the files the loop changes."""
+    require_tools("podman", "runc")
+    base = scratch_dir("ao-rc-")
+    base.chmod(0o755)
+    try:
+        rootfs = write_loop_data(build_tools_rootfs(base / "rootfs"))
+        build_oci_image(base / "oci", APP, rootfs)
+        yield base
+    finally:
+        remove_tree(base)
+
+
+def scenario_user(scenario: Scenario) -> User | None:
+    """The rootless user, with what its scenario needs; None for rootful."""
+    if scenario.rootless:
+        require_tools("runuser", "newuidmap", "newgidmap")
+    if scenario.fuse:
+        require(Path(FUSE_OVERLAYFS).exists() and Path("/dev/fuse").exists(), "no fuse-overlayfs")
+        ensure_fuse_device()
+    return ensure_user(TEST_USER) if scenario.rootless else None
+
+
+@pytest.mark.parametrize("scenario", LOOP_SCENARIOS, ids=lambda s: s.name)
+def test_podman_commit_on_exit_loop(scenario: Scenario, app_image: Path, hook_bin: Path) -> None:
+    """Three runs of the container's own image, with no image mount: each commits its root
+    filesystem as a revision of that image, and the next run starts from it."""
+    user = scenario_user(scenario)
+    root = app_image / scenario.key
+    podman = Podman(root, user=user, fuse=scenario.fuse)
+    revs, log = root / "revs", root / "hook.log"
+    layout = revs / APP
+    try:
+        podman.setup()
+        shutil.copytree(app_image / "oci", layout)  # revision 0: the image as built
+        if user is not None:
+            run(["chown", "-R", f"{user.uid}:{user.gid}", str(revs)])
+        podman.install_hook(hook_bin, log, allow_dir=revs)
+        views: list[Tree] = []
+        for n in range(1, RUNS + 1):
+            views.append(commit_on_exit(podman, layout, log, n, views, scenario))
+        podman.load(f"oci:{layout}:{APP}", "localhost/app:final")
+        proc = podman("run", "--rm", "--network", "none", "--pull", "never",
+                      "localhost/app:final", "sh", "-c", ROOT_LISTING, "sh", "/")  # fmt: skip
+        got = without(parse_listing(proc.stdout), README_EXCLUDE)
+        assert_same_tree(views[-1], got, f"[{scenario.name}] a container of revision {RUNS}")
+    finally:
+        podman.teardown()
+
+
+def commit_on_exit(podman: Podman, layout: Path, log: Path, n: int, views: list[Tree],
+                   scenario: Scenario) -> Tree:  # fmt: skip
+    """Run n: the container of the revision tagged `app` changes its root filesystem; the
+    hook commits it. The container's view after its changes is returned."""
+    pinned = user_tool(podman, "skopeo", "inspect", "--format", "{{.Digest}}",
+                       f"oci:{layout}:{APP}").stdout.strip()  # fmt: skip
+    image = f"localhost/app:in{n}"
+    podman.load(f"oci:{layout}:{APP}", image)
+    zstd = n == 2  # the second revision's layer is zstd
+    annotations = archive_annotations(
+        "root", mount_point="/", archive_to=str(layout), image_tag=APP, image_base=pinned,
+        method="oci-image+zstd" if zstd else "oci-image",
+    )  # fmt: skip
+    if scenario.exclude:
+        annotations |= archive_annotations("root", exclude=":".join(README_EXCLUDE))
+    logged = len(read_log(log)) if log.exists() else 0
+    flags = [f for key, value in annotations.items() for f in annotation_flags(key, value, False)]
+    proc = podman("run", "--rm", "--network", "none", "--pull", "never", *flags, image,
+                  "sh", "-c", ROOT_LOOP, "sh", "/", str(n), check=False)  # fmt: skip
+    hook_log = read_log(log)[logged:]
+    diag = (f"\n[{scenario.name} run {n}] podman exit {proc.returncode}, stderr:\n"
+            f"{proc.stderr}--- hook log:\n{hook_log}")  # fmt: skip
+    assert proc.returncode == 0, diag
+    before_text, _, after_text = proc.stdout.partition("#####\n")
+    before = without(parse_listing(before_text), README_EXCLUDE)
+    after = without(parse_listing(after_text), README_EXCLUDE)
+    if views:  # the container started from exactly what the last one left
+        assert_same_tree(views[-1], before, f"run {n}'s root before its changes", diag)
+    assert_run_changes(after, n, diag)
+    motd = "".join(f"run {i}\n" for i in range(1, n + 1)).encode()
+    assert after.items["etc/motd"].content == hashlib.sha256(motd).hexdigest(), diag
+    # The revision: on the pinned one, the tag moved onto it, its layer the changes only.
+    index = check_layout(layout)
+    digest = written_manifest(HookRun(0, hook_log), "root")
+    assert tagged(index, APP) == [digest], diag
+    manifest = read_json_blob(layout, digest)
+    assert manifest["annotations"]["org.opencontainers.image.base.digest"] == pinned, diag
+    assert len(manifest["layers"]) == n + 1, diag
+    layer = manifest["layers"][-1]
+    assert layer["mediaType"].endswith("+zstd" if zstd else "+gzip"), diag
+    check_layer_paths(layout_blob(layout, layer["digest"]), zstd, n, scenario.exclude, diag)
+    return after
+
+
+def check_layer_paths(layer: Path, zstd: bool, n: int, excluded: bool, diag: str) -> None:
+    """Run n's layer: its changes and the directories holding them, nothing podman made.
+
+    Without the exclude list, the first revision takes podman's placeholders (empty files, the
+    mtab symlink); later runs find them in the image, and their layers hold none of them.
+    """
+    names = raw_member_names(layer, "tar.zst" if zstd else "tar.gz")
+    paths = {name.removeprefix("./").rstrip("/") or "." for name in names}
+    # fuse-overlayfs marks each directory it creates opaque (/run in run 1, redo/sub)
+    markers = {p for p in paths if p.endswith("/.wh..wh..opq") and p != "redo/.wh..wh..opq"}
+    changes = {".", f"added-{n}.txt", "changing.txt", f".wh.doomed-{n}.txt", "redo",
+               "redo/.wh..wh..opq", "redo/sub", f"redo/sub/r-{n}.txt", "etc", "etc/motd",
+               "run"}  # fmt: skip
+    if not excluded and n == 1:
+        changes |= PLACEHOLDERS
+        members = {m.name.removeprefix("./"): m for m in read_members(layer, "tar.gz")}
+        assert members["etc/mtab"].linkname == "/proc/mounts", diag
+        assert all(members[p].size == 0 for p in PLACEHOLDERS - {"etc/mtab"}), diag
+    elif not excluded:  # /run/.containerenv is in the image now: /run is not copied up
+        changes -= {"run"}
+    assert paths - markers == changes, f"layer of run {n}: {sorted(paths)}{diag}"
+    assert markers <= {"run/.wh..wh..opq", "redo/sub/.wh..wh..opq"}, f"{sorted(markers)}{diag}"
+
+
+def test_readme_commit_on_exit_loop(hook_bin: Path) -> None:
+    """The README's commit-on-exit loop block, run by bash as written, with rootful podman set
+    up as the README says (the hook in a hooks dir, --allow-dir /srv/revisions), in a private
+    mount namespace with a fresh tmpfs on /srv, and on /var/lib: rootful `podman pull oci:…`
+    and `skopeo copy containers-storage:…` write /var/lib/containers/cache (so the image is
+    pulled in there too)."""
+    require_tools("podman", "runc", "skopeo", "jq", "unshare")
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("**The commit-on-exit loop.**", 1)[1]
+    script = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    base = scratch_dir("ao-rr-")
+    base.chmod(0o755)
+    podman = Podman(base / "p")
+    try:
+        podman.setup()
+        podman.install_hook(hook_bin, base / "hook.log", allow_dir=Path("/srv/revisions"))
+        build_oci_image(base / "img", "bb", build_rootfs(base / "rootfs"))
+        env = podman.env() | {"IMAGE": "localhost/readme-bb", "BB": f"oci:{base / 'img'}:bb"}
+        in_namespace = (
+            "mount -t tmpfs tmpfs /srv && mount -t tmpfs tmpfs /var/lib && "
+            'podman tag $(podman pull -q "$BB") $IMAGE && exec bash -e -c "$0"'
+        )
+        proc = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", in_namespace,
+                    script], env=env, check=False)  # fmt: skip
+        diag = (
+            f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n{read_log(base / 'hook.log')}"
+        )
+    finally:
+        podman.teardown()
+        remove_tree(base)
+    assert proc.returncode == 0, diag
+    lines = proc.stdout.splitlines()
+    assert lines[-3:] == ["run 1", "run 2", "run 3"], diag
+    comment = re.compile(r"container [0-9a-f]{64} archive root")
+    assert all(comment.fullmatch(line) for line in lines[-6:-3]), diag  # one per run
+    assert len([line for line in lines if comment.fullmatch(line)]) == 3, diag
 
 
 # --- runc, with an overlay rootfs mounted here ------------------------------------------------
