@@ -86,6 +86,50 @@ def scratch_dir(prefix: str) -> Path:
             continue
 
 
+# --- the README's blocks, run as written ---------------------------------------------------
+
+README = REPO / "README.md"
+
+
+def readme_block(name: str) -> str:
+    """The fenced block that follows `<!-- test: name -->` in the README."""
+    text = README.read_text()
+    marker = f"<!-- test: {name} -->\n"
+    assert text.count(marker) == 1, f"README has no single {marker!r}"
+    after = text.split(marker, 1)[1]
+    assert after.startswith("```sh\n"), f"{marker!r} is not followed by a sh block"
+    return after[len("```sh\n") :].split("```\n", 1)[0]
+
+
+def run_readme_with_podman(hook_bin: Path, name: str, allow_dir: str, env: dict[str, str],
+                           in_namespace: str) -> tuple[subprocess.CompletedProcess, str]:  # fmt: skip
+    """The README block `name`, run by bash as written, with a private rootful podman set up
+    as the README says (the hook in its hooks dir, confined to allow_dir), in a private mount
+    namespace prepared by the shell commands in_namespace (tmpfs mounts over the paths the
+    block writes).  The busybox image the block names as $IMAGE is at $BB.  Returns the
+    run and a diagnostic with its output and the hook's log."""
+    base = scratch_dir("ao-rd-")
+    base.chmod(0o755)
+    podman = Podman(base / "p")
+    try:
+        podman.setup()
+        podman.install_hook(hook_bin, base / "hook.log", allow_dir=Path(allow_dir))
+        build_oci_image(base / "img", "bb", build_rootfs(base / "rootfs"))
+        env = podman.env() | {"IMAGE": "localhost/readme-bb", "BB": f"oci:{base / 'img'}:bb"} | env
+        setup = (
+            in_namespace + ' && podman tag $(podman pull -q "$BB") $IMAGE && exec bash -e -c "$0"'
+        )
+        proc = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", setup,
+                    readme_block(name)], env=env, check=False)  # fmt: skip
+        log = base / "hook.log"
+        diag = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n"
+        diag += log.read_text(errors="replace") if log.exists() else "(no hook log)"
+    finally:
+        podman.teardown()
+        remove_tree(base)
+    return proc, diag
+
+
 # --- images -------------------------------------------------------------------------------
 
 

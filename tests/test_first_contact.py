@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PREFIX, REPO, requires_root
-from engines import busybox_path, ensure_fuse_device, ensure_user, require
+from engines import busybox_path, ensure_fuse_device, ensure_user, readme_block, require
 
 pytestmark = requires_root
 
@@ -37,16 +37,6 @@ TIMEOUT = 900
 
 
 # --- the README's blocks ----------------------------------------------------------------
-
-
-def readme_block(name: str) -> str:
-    """The fenced block that follows `<!-- test: name -->` in the README."""
-    text = README.read_text()
-    marker = f"<!-- test: {name} -->\n"
-    assert text.count(marker) == 1, f"README has no single {marker!r}"
-    after = text.split(marker, 1)[1]
-    assert after.startswith("```sh\n"), f"{marker!r} is not followed by a sh block"
-    return after[len("```sh\n") :].split("```\n", 1)[0]
 
 
 def section_block(title: str) -> str:

@@ -29,18 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Overlay, archive_annotations, requires_root, state_json, write_bundle
+from conftest import Overlay, archive_annotations, requires_root, state_json, write_bundle
 from engines import (
     FUSE_OVERLAYFS,
     TEST_USER,
     Podman,
     build_oci_image,
-    build_rootfs,
     ensure_fuse_device,
     ensure_user,
     remove_tree,
     require,
     run,
+    run_readme_with_podman,
     scratch_dir,
 )
 from engines import run as run_tool
@@ -836,27 +836,8 @@ def test_readme_revision_loop(hook_bin: Path) -> None:
     README says (the hook in a hooks dir, --allow-dir /srv/revisions), in a private mount
     namespace whose /srv is a fresh tmpfs."""
     require_tools("podman", "runc", "jq", "unshare")
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### Revisions: each run commits", 1)[1]
-    script = section.split("```sh\n", 1)[1].split("```", 1)[0]
-    base = scratch_dir("ao-rm-")
-    base.chmod(0o755)
-    podman = Podman(base / "p")
-    try:
-        podman.setup()
-        podman.install_hook(hook_bin, base / "hook.log", allow_dir=Path("/srv/revisions"))
-        build_oci_image(base / "img", "bb", build_rootfs(base / "rootfs"))
-        podman.load(f"oci:{base / 'img'}:bb", "localhost/readme-bb")
-        env = podman.env() | {"IMAGE": "localhost/readme-bb"}
-        in_namespace = 'mount -t tmpfs tmpfs /srv && exec bash -e -c "$0"'
-        proc = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", in_namespace,
-                    script], env=env, check=False)  # fmt: skip
-        diag = (
-            f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n{read_log(base / 'hook.log')}"
-        )
-    finally:
-        podman.teardown()
-        remove_tree(base)
+    proc, diag = run_readme_with_podman(hook_bin, "revision-loop", "/srv/revisions", {},
+                                        "mount -t tmpfs tmpfs /srv")  # fmt: skip
     assert proc.returncode == 0, diag
     lines = proc.stdout.splitlines()
     assert lines[-4:] == ["hello", "run 1", "run 2", "run 3"], diag

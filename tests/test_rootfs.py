@@ -39,19 +39,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, archive_annotations, is_root, state_json, write_bundle
+from conftest import archive_annotations, is_root, state_json, write_bundle
 from engines import (
     FUSE_OVERLAYFS,
     TEST_USER,
     Podman,
     User,
     build_oci_image,
-    build_rootfs,
     ensure_fuse_device,
     ensure_user,
     remove_tree,
     require,
     run,
+    run_readme_with_podman,
     runc_config,
     scratch_dir,
 )
@@ -555,33 +555,12 @@ def check_layer_paths(layer: Path, zstd: bool, n: int, excluded: bool, diag: str
 def test_readme_commit_on_exit_loop(hook_bin: Path) -> None:
     """The README's commit-on-exit loop block, run by bash as written, with rootful podman set
     up as the README says (the hook in a hooks dir, --allow-dir /srv/revisions), in a private
-    mount namespace with a fresh tmpfs on /srv, and on /var/lib: rootful `podman pull oci:…`
-    and `skopeo copy containers-storage:…` write /var/lib/containers/cache (so the image is
-    pulled in there too)."""
+    mount namespace with a fresh tmpfs on /srv and on /var/lib (the image is pulled there)."""
     require_tools("podman", "runc", "skopeo", "jq", "unshare")
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("**The commit-on-exit loop.**", 1)[1]
-    script = section.split("```sh\n", 1)[1].split("```", 1)[0]
-    base = scratch_dir("ao-rr-")
-    base.chmod(0o755)
-    podman = Podman(base / "p")
-    try:
-        podman.setup()
-        podman.install_hook(hook_bin, base / "hook.log", allow_dir=Path("/srv/revisions"))
-        build_oci_image(base / "img", "bb", build_rootfs(base / "rootfs"))
-        env = podman.env() | {"IMAGE": "localhost/readme-bb", "BB": f"oci:{base / 'img'}:bb"}
-        in_namespace = (
-            "mount -t tmpfs tmpfs /srv && mount -t tmpfs tmpfs /var/lib && "
-            'podman tag $(podman pull -q "$BB") $IMAGE && exec bash -e -c "$0"'
-        )
-        proc = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", in_namespace,
-                    script], env=env, check=False)  # fmt: skip
-        diag = (
-            f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n{read_log(base / 'hook.log')}"
-        )
-    finally:
-        podman.teardown()
-        remove_tree(base)
+    proc, diag = run_readme_with_podman(
+        hook_bin, "commit-on-exit-loop", "/srv/revisions", {},
+        "mount -t tmpfs tmpfs /srv && mount -t tmpfs tmpfs /var/lib",
+    )  # fmt: skip
     assert proc.returncode == 0, diag
     lines = proc.stdout.splitlines()
     assert lines[-3:] == ["run 1", "run 2", "run 3"], diag
