@@ -572,14 +572,19 @@ def print_tables(
         print("| " + " | ".join(row) + " |")
     pairs = [(h, s) for h in tools if h.hook for s in tools if not s.hook and s.method == h.method]
     if pairs:
-        print("\n| hook method | vs standard tool | hook s | tool s | hook / tool time |")
-        print("| --- | --- | ---: | ---: | ---: |")
+        # CPU too: on a loaded machine wall times wander, CPU seconds much less.
+        print(
+            "\n| hook method | vs standard tool | hook s | tool s | hook / tool time | hook / tool CPU |"
+        )
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
         for h, s in pairs:
             if h.samples and s.samples:
                 hw, sw = h.median("wall"), s.median("wall")
-                print(f"| {h.method} | {md(s.name)} | {hw:.2f} | {sw:.2f} | {hw / sw:.2f} |")
+                cpu = h.median("cpu") / max(s.median("cpu"), 0.005)
+                row = f"{hw:.2f} | {sw:.2f} | {hw / sw:.2f} | {cpu:.2f}"
+                print(f"| {h.method} | {md(s.name)} | {row} |")
             else:
-                print(f"| {h.method} | {md(s.name)} | - | - | - |")
+                print(f"| {h.method} | {md(s.name)} | - | - | - | - |")
     problems = [t for t in tools if t.error]
     for t in problems:
         print(f"\n⚠ {'hook ' + t.method if t.hook else t.name}: {t.error}")
