@@ -863,8 +863,9 @@ def read_entry(upper: Upper, dir_fd: int, name: bytes, rel: bytes, depth: int,
     return entry
 
 
-def walk(upper: Upper) -> Iterator[Entry]:
-    """Every entry of the upperdir, depth first, each directory before its children.
+def walk(upper: Upper, excluded: frozenset[bytes] = frozenset()) -> Iterator[Entry]:
+    """Every entry of the upperdir, depth first, each directory before its children;
+    not the excluded paths, nor anything under them (no whiteout is made for them).
 
     One directory fd is open per level: each entry is read (and must be used
     by the caller) before the walk moves on.
@@ -896,6 +897,8 @@ def walk(upper: Upper) -> Iterator[Entry]:
                 os.close(fd)
                 continue
             rel = prefix + name
+            if rel in excluded:
+                continue
             entry = read_entry(upper, fd, name, rel, len(stack), dir_path)
             yield entry
             if stat.S_ISDIR(entry.st.st_mode):
@@ -919,14 +922,6 @@ def raise_open_file_limit() -> None:
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def excluding(entries: Iterable[Entry], excluded: frozenset[bytes]) -> Iterable[Entry]:
-    """The entries but the excluded paths and everything under them (no whiteout made)."""
-    if not excluded:
-        return entries
-    under = tuple(rel + b"/" for rel in excluded)
-    return (e for e in entries if e.rel not in excluded and not e.rel.startswith(under))
 
 
 def check_representable(entry: Entry, upper: Upper) -> None:
@@ -1055,15 +1050,18 @@ def temp_name(name: str) -> str:
     return f".{name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
 
 
-def remove_stale_temporaries(dir_fd: int, name: str, shown_dir: str) -> None:
-    """Temporaries for `name` left by runs killed mid-write (SIGKILL): remove them."""
-    prefix = f".{name}{TMP_MARK}"
+def remove_stale_temporaries(dir_fd: int, name: str | None, shown_dir: str) -> None:
+    """Temporaries for `name` (for any name: None) left by runs killed mid-write
+    (SIGKILL): remove them."""
+    prefix = "." if name is None else f".{name}{TMP_MARK}"
     try:
         entries = os.listdir(dir_fd)
     except OSError as exc:
         raise ArchiveError(f"cannot read the directory {shown_dir}: {exc.strerror}") from None
     for entry in entries:
-        if entry.startswith(prefix) and is_stale(dir_fd, entry, entry[len(prefix) :]):
+        if not entry.startswith(prefix) or TMP_MARK not in entry:
+            continue
+        if is_stale(dir_fd, entry, entry.rpartition(TMP_MARK)[2]):
             log.info("removing a stale temporary", path=posixpath.join(shown_dir, entry))
             with contextlib.suppress(OSError):
                 remove_at(dir_fd, entry)
@@ -2164,7 +2162,7 @@ class Layout:
                 self.blobs_fd = open_dir_nofollow(self.shown_blobs, create=True)
             except OSError as exc:
                 raise ArchiveError(f"cannot open the layout's blobs: {describe(exc)}") from None
-            remove_stale_blob_temporaries(self.blobs_fd, self.shown_blobs)
+            remove_stale_temporaries(self.blobs_fd, None, self.shown_blobs)
         return self.blobs_fd
 
     def read_blob(self, digest: str, what: str) -> dict:
@@ -2237,16 +2235,6 @@ def is_descriptor(value: object) -> bool:
 
 def canonical_json(value: dict) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def remove_stale_blob_temporaries(blobs_fd: int, shown_dir: str) -> None:
-    """Temporaries in blobs/sha256 left by runs killed mid-write."""
-    for entry in os.listdir(blobs_fd):
-        head, mark, suffix = entry.partition(TMP_MARK)
-        if mark and head.startswith(".") and is_stale(blobs_fd, entry, suffix):
-            log.info("removing a stale temporary", path=posixpath.join(shown_dir, entry))
-            with contextlib.suppress(OSError):
-                os.unlink(entry, dir_fd=blobs_fd)
 
 
 def find_base(layout: Layout, index: dict, archive: Archive) -> Base | None:
@@ -2364,7 +2352,7 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
     try:
         layout.ensure_layout(create)
         base = find_base(layout, layout.read_index(), archive)  # all checked before writing
-        layout.put_layer(archive, excluding(walk(upper), excluded), upper, stats)
+        layout.put_layer(archive, walk(upper, excluded), upper, stats)
         assert stats.descriptor is not None
         config = new_config(base, stats.descriptor, archive, info)
         config_descriptor = layout.put_json_blob(config, CONFIG_MEDIA_TYPE)
@@ -2463,7 +2451,7 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination,
 def write_temporary(archive: Archive, upper: Upper, dest: Destination, stats: Stats,
                     excluded: frozenset[bytes]) -> None:  # fmt: skip
     """The whole archive under its temporary name, durable on disk."""
-    entries = excluding(walk(upper), excluded)
+    entries = walk(upper, excluded)
     clock = [time.monotonic()]
     if archive.method == "copy":
         root_fd = dest.make_temp_dir()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import archive_annotations, requires_root, state_json, write_bundle
+from conftest import Overlay, archive_annotations, requires_root, state_json, write_bundle
 from engines import (
     TEST_USER,
     Podman,
@@ -62,45 +62,25 @@ def require_tools(*tools: str) -> None:
 
 
 @dataclass
-class Mount:
-    """lower (the image), upper, work, merged under root; native overlay, `userxattr` if asked."""
+class Mount(Overlay):
+    """conftest's Overlay with its directories made, `userxattr` if asked, mounted in a with."""
 
-    root: Path
     userxattr: bool = False
 
     def __post_init__(self) -> None:
-        for d in ("lower", "upper", "work", "merged"):
-            (self.root / d).mkdir(parents=True, exist_ok=True)
-
-    @property
-    def lower(self) -> Path:
-        return self.root / "lower"
-
-    @property
-    def upper(self) -> Path:
-        return self.root / "upper"
-
-    @property
-    def merged(self) -> Path:
-        return self.root / "merged"
+        for d in (self.lower, self.upper, self.work, self.merged):
+            d.mkdir(parents=True, exist_ok=True)
 
     def options(self) -> list[str]:
-        opts = [f"lowerdir={self.lower}", f"upperdir={self.upper}", f"workdir={self.root / 'work'}"]
-        return opts + (["userxattr"] if self.userxattr else [])
+        return super().options() + (["userxattr"] if self.userxattr else [])
 
     @contextlib.contextmanager
     def mounted(self) -> Iterator[Path]:
-        run(["mount", "-t", "overlay", "overlay", "-o", ",".join(self.options()),
-             str(self.merged)])  # fmt: skip
+        self.mount()
         try:
             yield self.merged
         finally:
-            run(["umount", str(self.merged)], check=False)
-
-    def mount_entry(self) -> dict:
-        """As podman writes it into config.json: the hook reads the upperdir from it."""
-        return {"destination": "/data", "type": "overlay", "source": str(self.merged),
-                "options": self.options() + ["private"]}  # fmt: skip
+            self.unmount()
 
 
 # --- running the hook: every method at once ------------------------------------------------

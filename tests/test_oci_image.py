@@ -55,6 +55,7 @@ from test_oci_layer import (
     podman_run_args,
     read_log,
     require_tools,
+    sha256_file,
 )
 from test_safety import (
     TMP_MARK,
@@ -110,14 +111,6 @@ def written_manifest(run: HookRun, archive: str = "data") -> str:
 
 def blob(layout: Path, digest: str) -> Path:
     return layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 def check_blob(layout: Path, descriptor: dict) -> Path:
