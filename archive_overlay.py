@@ -138,7 +138,7 @@ __version__ = "3.0.0"
 ANNOTATION_PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
 ARGS = (
     "mount-point", "archive-to", "success", "method", "tar-content-owner", "compression-level",
-    "exclude", "image-tag", "image-base",
+    "exclude", "image-tag", "image-base", "image-max-layers", "image-keep",
 )  # fmt: skip
 DEFAULT_MOUNT_PROGRAM = "/usr/bin/fuse-overlayfs"
 
@@ -329,6 +329,7 @@ ARCHIVE_METHODS = (
     "oci-image+zstd",
 )  # fmt: skip
 IMAGE_METHODS = ("oci-image", "oci-image+zstd")
+DEFAULT_MAX_LAYERS = 100  # under every engine's limit: see README, "Chains that last"
 COMPRESSION_LEVELS = {"gzip": range(4), "zstd": range(1, 23)}
 
 
@@ -346,6 +347,8 @@ class Archive:
         self.exclude = ""  # absolute paths in the mount, ':' or ',' separated
         self.image_tag = ""
         self.image_base = ""
+        self.max_layers: int | None = None  # image-max-layers: None is DEFAULT_MAX_LAYERS
+        self.keep: int | None = None  # image-keep: None keeps every revision
         # Annotations that cannot be honoured, as (key, why): the archive is not written.
         self.refused: list[tuple[str, str]] = []
 
@@ -370,6 +373,13 @@ def parse_owner(value: str) -> tuple[int, int] | None:
     if max(ids) > MAX_ID:
         return None
     return ids[0], ids[1]
+
+
+def parse_count(value: str) -> int | None:
+    """A positive decimal integer (at most 9 digits), else None."""
+    if not (value.isascii() and value.isdigit() and len(value) <= 9) or int(value) < 1:
+        return None
+    return int(value)
 
 
 def parse_exclude(value: str) -> frozenset[bytes]:
@@ -420,6 +430,14 @@ def apply_arg(archive: Archive, arg: str, value: str) -> str | None:
         archive.image_tag = value
     elif arg == "image-base":
         archive.image_base = value
+    elif arg == "image-max-layers":
+        archive.max_layers = parse_count(value)
+        if archive.max_layers is None or archive.max_layers < 2:
+            return f"invalid image-max-layers {value[:40]!r}: an integer, 2 or more"
+    elif arg == "image-keep":
+        archive.keep = parse_count(value)
+        if archive.keep is None:
+            return f"invalid image-keep {value[:40]!r}: an integer, 1 or more"
     elif arg:
         return f"{UNKNOWN_ARG} {arg[:40]!r}"
     else:
@@ -449,7 +467,12 @@ def check_archive(archive: Archive) -> None:
         if not value and not archive.refused:  # the first problem is enough to name
             why = f"no {arg}: an archive needs both mount-point and archive-to"
             archive.refused.append((f"{ANNOTATION_PREFIX}{archive.name}.{arg}", why))
-    for arg, value in (("image-tag", archive.image_tag), ("image-base", archive.image_base)):
+    image_args = (
+        ("image-tag", archive.image_tag), ("image-base", archive.image_base),
+        ("image-max-layers", archive.max_layers is not None),
+        ("image-keep", archive.keep is not None),
+    )  # fmt: skip
+    for arg, value in image_args:
         if value and archive.method in ARCHIVE_METHODS and archive.method not in IMAGE_METHODS:
             why = f"{arg} is only for oci-image, not method {archive.method}"
             archive.refused.append((f"{ANNOTATION_PREFIX}{archive.name}.{arg}", why))
@@ -1287,6 +1310,8 @@ class Stats:
         self.descriptor: dict | None = None  # oci-layer: what <archive-to>.json says
         self.current: bytes | None = None  # the entry being written: errors name it
         self.xattrs_not_kept = 0  # copy: xattrs the destination refused
+        self.layers = 0  # oci-image: the new revision's layers
+        self.merged = 0  # oci-image: layers merged into one to stay within image-max-layers
 
 
 XATTR_REFUSED = {
@@ -2043,6 +2068,7 @@ CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE, INDEX_FILE, LOCK_FILE = "oci-layout", "index.json", "index.lock"
+BLOBS_LOCK_FILE = "blobs.lock"
 MAX_JSON_BLOB = 4 << 20  # image-spec: registries may refuse manifests over 4 MiB
 # image-spec annotations.md: ref ::= component ("/" component)*, component ::=
 # alphanum (separator alphanum)*, alphanum ::= [A-Za-z0-9]+, separator ::= [-._:@+] | "--"
@@ -2085,17 +2111,21 @@ class Layout:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """An exclusive fcntl (POSIX record) lock on index.lock, as podman's stores take."""
+    def open_lock(self, name: str) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(LOCK_FILE, flags, 0o644, dir_fd=self.fd)
+            return os.open(name, flags, 0o644, dir_fd=self.fd)
         except OSError as exc:
-            exc.filename = posixpath.join(self.path, LOCK_FILE)
+            exc.filename = posixpath.join(self.path, name)
             raise ArchiveError(f"cannot open the layout's lock: {describe(exc)}") from None
+
+    @contextlib.contextmanager
+    def locked(self, name: str = LOCK_FILE, how: int = fcntl.LOCK_EX) -> Iterator[None]:
+        """An fcntl (POSIX record) lock on index.lock (exclusive), as podman's stores take,
+        or on blobs.lock (see Collecting a layout)."""
+        fd = self.open_lock(name)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX)
+            fcntl.lockf(fd, how)
             yield
         finally:
             os.close(fd)  # closing drops the lock
@@ -2126,7 +2156,7 @@ class Layout:
 
     def is_empty(self) -> bool:
         """Nothing but what a first commit may have left: lock, blobs, oci-layout, temporaries."""
-        made = (LOCK_FILE, "blobs", LAYOUT_FILE)
+        made = (LOCK_FILE, BLOBS_LOCK_FILE, "blobs", LAYOUT_FILE)
         return all(n in made or TMP_MARK in n for n in os.listdir(self.fd))
 
     def not_a_layout(self, why: str) -> ArchiveError:
@@ -2199,21 +2229,30 @@ class Layout:
 
     def put_layer(self, archive: Archive, entries: Iterable[Entry], upper: Upper,
                   stats: Stats) -> None:  # fmt: skip
-        """The layer as oci-layer writes it, through a locked temporary, kept under its digest."""
+        """The layer as oci-layer writes it, kept under its digest."""
+
+        def write(fd: int) -> None:
+            write_tar(oci_entries(entries, upper, archive.name), fd, archive, stats, layer=True)
+
+        self.put_blob(write, stats)
+
+    def put_blob(self, write: Callable[[int], None], stats: Stats) -> None:
+        """A large blob written by `write` (which sets stats.descriptor) to a locked
+        temporary, fsync'd, then kept under its digest in blobs/sha256."""
         blobs_fd = self.open_blobs()
         tmp = temp_name("blob")
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o644, dir_fd=blobs_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # a live temporary: see is_stale
-            write_tar(oci_entries(entries, upper, archive.name), fd, archive, stats, layer=True)
+            write(fd)
             stats.current = None
             os.fsync(fd)
             assert stats.descriptor is not None
             name = stats.descriptor["digest"].removeprefix("sha256:")
             old = lstat_at(blobs_fd, name)
             if old is not None and stat.S_ISREG(old.st_mode) and old.st_size == stats.archive_bytes:
-                os.unlink(tmp, dir_fd=blobs_fd)  # the same layer is there already
+                os.unlink(tmp, dir_fd=blobs_fd)  # the same blob is there already
             else:
                 os.rename(tmp, name, src_dir_fd=blobs_fd, dst_dir_fd=blobs_fd)
             os.fsync(blobs_fd)
@@ -2301,32 +2340,48 @@ def first_config() -> dict:
 def new_config(base: Base | None, layer: dict, archive: Archive, info: RunInfo) -> dict:
     config = json.loads(json.dumps(base.config)) if base is not None else first_config()
     config["created"] = info.created
+    layers = len(config["rootfs"]["diff_ids"])
     config["rootfs"]["diff_ids"].append(layer["diff_id"])
     comment = f"container {info.container_id} archive {archive.name}"
-    config.setdefault("history", []).append(
+    config["history"] = padded_history(config.get("history", []), layers)
+    config["history"].append(
         {
             "created": info.created,
-            "created_by": f"archive_overlay {__version__}",
+            "created_by": f"{HISTORY_BY} {__version__}",
             "comment": comment,
         }
     )
     return config
 
 
-def new_manifest(base: Base | None, layer: dict, config: dict, info: RunInfo) -> dict:
-    layers = list(base.manifest["layers"]) if base is not None else []
-    layers.append({k: layer[k] for k in ("mediaType", "digest", "size")})
+def padded_history(history: list, layers: int) -> list:
+    """The history with an entry for each layer: buildah and podman refuse to commit on
+    top of an image whose non-empty history entries differ from its layers in number.
+    A base that recorded fewer (image-spec makes history optional) gets entries for its
+    oldest layers, saying so."""
+    missing = layers - len(layer_entries(history))
+    padding = {"created_by": "", "comment": "a layer of the base image; it recorded no history"}
+    return [dict(padding) for _ in range(max(missing, 0))] + history
+
+
+def layer_entries(history: list) -> list[int]:
+    """Where in the history the entries for layers are (those not marked empty_layer)."""
+    return [i for i, e in enumerate(history) if not (isinstance(e, dict) and e.get("empty_layer"))]
+
+
+def new_manifest(base: Base | None, layers: list[dict], config: dict, info: RunInfo) -> dict:
     annotations = {"org.opencontainers.image.created": info.created}
     if base is not None:
-        annotations["org.opencontainers.image.base.digest"] = base.digest
+        annotations[BASE_DIGEST] = base.digest
         if base.name is not None:
             annotations["org.opencontainers.image.base.name"] = base.name
     return {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE, "config": config,
             "layers": layers, "annotations": annotations}  # fmt: skip
 
 
-def tag_revision(layout: Layout, manifest: dict, tag: str) -> None:
-    """index.json with the new manifest named `tag`; its former holder kept, unnamed."""
+def tag_revision(layout: Layout, manifest: dict, tag: str, keep: int | None) -> None:
+    """index.json with the new manifest named `tag`; its former holder kept, unnamed,
+    unless image-keep leaves it out (see Collecting a layout)."""
     with layout.locked():
         index = layout.read_index()
         for descriptor in index["manifests"]:
@@ -2336,12 +2391,18 @@ def tag_revision(layout: Layout, manifest: dict, tag: str) -> None:
                 if not annotations:
                     del descriptor["annotations"]
         index["manifests"].append({**manifest, "annotations": {REF_NAME: tag}})
+        if keep is not None:
+            drop_old_revisions(layout, index, manifest["digest"], keep)
         layout.write(INDEX_FILE, index)
 
 
 def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
                    info: RunInfo, excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
-    """Layer, config, manifest, each fsync'd under its digest; only then index.json."""
+    """Layer, config, manifest, each fsync'd under its digest; only then index.json.
+
+    From its first blob to index.json, the commit holds blobs.lock shared, so that
+    no collector removes what it wrote or stacks on; then, with image-keep, it collects.
+    """
     if not archive.image_tag:
         raise ArchiveError(f"method {archive.method} needs an image-tag")
     if not is_ref_name(archive.image_tag):
@@ -2349,16 +2410,26 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
     create = not archive.image_base  # a named base must be there already: nothing made
     layout = Layout(archive.archive_to, allow_dirs, create)
     stats = Stats()
+    max_layers = archive.max_layers or DEFAULT_MAX_LAYERS
     try:
         layout.ensure_layout(create)
-        base = find_base(layout, layout.read_index(), archive)  # all checked before writing
-        layout.put_layer(archive, walk(upper, excluded), upper, stats)
-        assert stats.descriptor is not None
-        config = new_config(base, stats.descriptor, archive, info)
-        config_descriptor = layout.put_json_blob(config, CONFIG_MEDIA_TYPE)
-        manifest = new_manifest(base, stats.descriptor, config_descriptor, info)
-        stats.descriptor = layout.put_json_blob(manifest, MANIFEST_MEDIA_TYPE)
-        tag_revision(layout, stats.descriptor, archive.image_tag)
+        with layout.locked(BLOBS_LOCK_FILE, fcntl.LOCK_SH):
+            base = find_base(layout, layout.read_index(), archive)  # all checked before writing
+            check_room(base, max_layers)
+            layout.put_layer(archive, walk(upper, excluded), upper, stats)
+            assert stats.descriptor is not None
+            config = new_config(base, stats.descriptor, archive, info)
+            layers = list(base.manifest["layers"]) if base is not None else []
+            layers.append({k: stats.descriptor[k] for k in ("mediaType", "digest", "size")})
+            stats.merged = squash(layout, config, layers, archive, info, max_layers)
+            compact_history(config)
+            config_descriptor = layout.put_json_blob(config, CONFIG_MEDIA_TYPE)
+            manifest = new_manifest(base, layers, config_descriptor, info)
+            stats.descriptor = layout.put_json_blob(manifest, MANIFEST_MEDIA_TYPE)
+            stats.layers = len(layers)
+            tag_revision(layout, stats.descriptor, archive.image_tag, archive.keep)
+        if archive.keep is not None:
+            collect(layout, archive.name)
     except OSError as exc:
         if stats.current is not None:
             raise ArchiveError(failure(exc, upper, layout.path, stats)) from None
@@ -2366,6 +2437,250 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
     finally:
         layout.close()
     return stats
+
+
+# ---------------------------------------------------------------------------
+# Keeping chains short: a commit that would give its revision more than
+# image-max-layers layers merges (see Merging layers) the older half of the
+# layers the hook wrote itself into one.  The base image's own layers (up to
+# the last layer whose history entry the hook did not write) stay first, byte
+# for byte.  The history keeps one entry per run: the merged runs' entries are
+# marked empty_layer, and one entry after them stands for the merged layer.
+# ---------------------------------------------------------------------------
+
+HISTORY_BY = "archive_overlay"  # every history entry the hook writes: created_by "archive_overlay …"
+MERGED_BY, COMPACTED_BY = "(merged layers)", "(compacted history)"
+COMPACT_HISTORY_OVER = 1 << 20  # config bytes; podman and skopeo refuse configs over 4 MiB
+
+
+def is_own(entry: object) -> bool:
+    """A history entry the hook wrote (a run, a merged layer, compacted runs)."""
+    created_by = entry.get("created_by") if isinstance(entry, dict) else None
+    return isinstance(created_by, str) and created_by.startswith(HISTORY_BY + " ")
+
+
+def base_layers(history: list, layers: int) -> int:
+    """How many of the first layers are the base image's own: up to the last layer whose
+    history entry the hook did not write (all of them if the history does not say)."""
+    entries = [history[i] for i in layer_entries(history)]
+    if len(entries) != layers:
+        return layers
+    return max((i + 1 for i, e in enumerate(entries) if not is_own(e)), default=0)
+
+
+def check_room(base: Base | None, max_layers: int) -> None:
+    """Fail before anything is written when the base image alone fills image-max-layers."""
+    if base is None:
+        return
+    layers = len(base.manifest["layers"])
+    own_base = base_layers(padded_history(base.config.get("history", []), layers), layers)
+    if own_base >= max_layers:
+        raise ArchiveError(
+            f"base {base.name or base.digest} has {own_base} layers archive_overlay did not "
+            f"write, which it never merges: image-max-layers {max_layers} leaves no room "
+            "for this run's layer"
+        )
+
+
+def squash_window(history: list, layers: int, max_layers: int) -> tuple[int, int] | None:
+    """(first, count) of the layers to merge into one so that `layers` fit max_layers:
+    the older half of the hook's own layers, or more where that is not enough (the newest
+    too, when the base leaves room for only one); None when they fit."""
+    if layers <= max_layers:
+        return None
+    first = base_layers(history, layers)
+    own = layers - first
+    return first, min(own, max(own // 2, layers - max_layers + 1))
+
+
+def squash(layout: Layout, config: dict, layers: list[dict], archive: Archive, info: RunInfo,
+           max_layers: int) -> int:  # fmt: skip
+    """Merge layers where the revision would exceed max_layers; how many were merged."""
+    window = squash_window(config["history"], len(layers), max_layers)
+    if window is None:
+        return 0
+    first, count = window
+    started = time.monotonic()
+    stats = Stats()
+
+    def write(fd: int) -> None:
+        merge_layers(layout.open_blobs(), layers[first : first + count], layers[:first], fd,
+                     archive, stats)  # fmt: skip
+
+    layout.put_blob(write, stats)
+    merged = stats.descriptor
+    assert merged is not None
+    layers[first : first + count] = [{k: merged[k] for k in ("mediaType", "digest", "size")}]
+    config["rootfs"]["diff_ids"][first : first + count] = [merged["diff_id"]]
+    merge_history(config["history"], first, count, info, max_layers)
+    log.info("layers merged", archive=archive.name, layers=count, into=merged["digest"],
+             revision_layers=len(layers), seconds=round(time.monotonic() - started, 3))  # fmt: skip
+    return count
+
+
+def merge_history(history: list, first: int, count: int, info: RunInfo,
+                  max_layers: int) -> None:  # fmt: skip
+    """The entries of the merged layers marked empty_layer, then one for the merged layer
+    saying which runs it holds: every run since the layer before it."""
+    positions = layer_entries(history)
+    start = positions[first - 1] + 1 if first else 0
+    end = positions[first + count - 1] + 1
+    held = [e for e in history[start:end] if is_own(e)]
+    for i in positions[first : first + count]:
+        history[i] = {**history[i], "empty_layer": True}
+    runs = sum(runs_in(e) for e in held)
+    since = held[0].get("created", "?") if held else "?"
+    history.insert(end, {
+        "created": info.created,
+        "created_by": f"{HISTORY_BY} {__version__} {MERGED_BY}",
+        "comment": f"{runs} runs merged into one layer, from {since} "
+                   f"(image-max-layers {max_layers})",
+    })  # fmt: skip
+
+
+def runs_in(entry: dict) -> int:
+    """How many runs a history entry of the hook's stands for."""
+    words = str(entry.get("created_by", "")).split(" ", 2)
+    if len(words) == 2:
+        return 1  # one run's layer
+    if words[-1] == COMPACTED_BY:
+        count = str(entry.get("comment", "")).split(" ", 1)[0]
+        return int(count) if count.isdigit() else 0
+    return 0  # a merged layer: its runs are listed above it
+
+
+def compact_history(config: dict) -> None:
+    """Keep the config well under the 4 MiB podman and skopeo accept: while it is over
+    COMPACT_HISTORY_OVER, the older half of the oldest stretch of the hook's empty_layer
+    entries becomes one entry counting their runs."""
+    while len(canonical_json(config)) > COMPACT_HISTORY_OVER:
+        history = config["history"]
+        stretch = oldest_empty_stretch(history)
+        if len(stretch) < 2:
+            return
+        half = stretch[: (len(stretch) + 1) // 2]
+        entries = [history[i] for i in half]
+        history[half[0] : half[-1] + 1] = [{
+            "created": entries[0].get("created", ""),
+            "created_by": f"{HISTORY_BY} {__version__} {COMPACTED_BY}",
+            "comment": f"{sum(runs_in(e) for e in entries)} runs, from "
+                       f"{entries[0].get('created', '?')} to {entries[-1].get('created', '?')}",
+            "empty_layer": True,
+        }]  # fmt: skip
+
+
+def oldest_empty_stretch(history: list) -> list[int]:
+    """Positions of the first run of consecutive empty_layer entries the hook wrote."""
+    stretch: list[int] = []
+    for i, entry in enumerate(history):
+        if is_own(entry) and entry.get("empty_layer"):
+            stretch.append(i)
+        elif len(stretch) > 1:
+            break
+        else:
+            stretch = []
+    return stretch
+
+
+# ---------------------------------------------------------------------------
+# Collecting a layout.  image-keep=N: after a commit, of the revisions in the
+# tag's chain (the tagged manifest and those it came from, through
+# org.opencontainers.image.base.digest) only the N newest stay in index.json,
+# and never one that carries a ref name.  Then every blob that no descriptor
+# in index.json reaches is removed (mark and sweep).  Commits hold blobs.lock
+# shared from before they read their base until index.json names what they
+# wrote; the collector takes it exclusive, without waiting (when a commit is
+# in flight, the next commit collects), so it never removes a running
+# commit's blobs.  index.json is rewritten before anything is deleted.
+# ---------------------------------------------------------------------------
+
+BASE_DIGEST = "org.opencontainers.image.base.digest"
+MANIFEST_TYPES = (MANIFEST_MEDIA_TYPE, "application/vnd.docker.distribution.manifest.v2+json")
+INDEX_TYPES = (INDEX_MEDIA_TYPE, "application/vnd.docker.distribution.manifest.list.v2+json")
+
+
+def drop_old_revisions(layout: Layout, index: dict, tip: str, keep: int) -> None:
+    """Leave out of index.json the revisions of tip's chain past the `keep` newest."""
+    chain, digest = [], tip
+    limit = keep + len(index["manifests"])
+    while digest and digest not in chain and len(chain) < limit:
+        chain.append(digest)
+        try:
+            manifest = layout.read_blob(digest, "revision")
+        except ArchiveError:
+            break  # removed already: the chain ends here
+        annotations = manifest.get("annotations")
+        digest = annotations.get(BASE_DIGEST) if isinstance(annotations, dict) else None
+    dropped = set(chain[keep:])
+    index["manifests"] = [
+        d for d in index["manifests"]
+        if d["digest"] not in dropped or REF_NAME in d.get("annotations", {})
+    ]  # fmt: skip
+
+
+def collect(layout: Layout, archive: str) -> None:
+    """Remove every blob that index.json does not reach, unless a commit is in flight."""
+    fd = layout.open_lock(BLOBS_LOCK_FILE)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            log.info("collection left to the next commit: another commit is writing to the "
+                     "layout", archive=archive, layout=layout.path)  # fmt: skip
+            return
+        with layout.locked():
+            reached = reached_blobs(layout, layout.read_index())
+            if reached is not None:
+                sweep(layout, reached, archive)
+    finally:
+        os.close(fd)
+
+
+def reached_blobs(layout: Layout, index: dict) -> set[str] | None:
+    """The digests of every blob a descriptor of the index reaches, through manifests and
+    nested indexes; None (collect nothing) if one of them cannot be read."""
+    reached: set[str] = set()
+    todo = list(index["manifests"])
+    while todo:
+        descriptor = todo.pop()
+        digest = descriptor.get("digest")
+        if not isinstance(digest, str) or digest in reached:
+            continue
+        reached.add(digest)
+        media_type = descriptor.get("mediaType")
+        if media_type not in MANIFEST_TYPES + INDEX_TYPES:
+            continue  # a layer, a config, or a blob of another kind: nothing inside it
+        try:
+            value = layout.read_blob(digest, "manifest")
+        except ArchiveError as exc:
+            log.warning("nothing collected: a blob index.json reaches cannot be read",
+                        layout=layout.path, error=str(exc))  # fmt: skip
+            return None
+        for key in ("config", "subject"):
+            if isinstance(value.get(key), dict):
+                todo.append(value[key])
+        for key in ("layers", "manifests", "blobs"):
+            if isinstance(value.get(key), list):
+                todo += [d for d in value[key] if isinstance(d, dict)]
+    return reached
+
+
+def sweep(layout: Layout, reached: set[str], archive: str) -> None:
+    blobs_fd = layout.open_blobs()
+    removed = freed = 0
+    for name in os.listdir(blobs_fd):
+        if not DIGEST_RE.fullmatch("sha256:" + name) or "sha256:" + name in reached:
+            continue
+        st = lstat_at(blobs_fd, name)
+        os.unlink(name, dir_fd=blobs_fd)
+        removed += 1
+        freed += st.st_size if st is not None else 0
+    if removed:
+        os.fsync(blobs_fd)
+    log.info("layout collected", archive=archive, layout=layout.path, blobs_removed=removed,
+             bytes_freed=freed)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -2417,7 +2732,11 @@ def revision_fields(archive: Archive, stats: Stats) -> dict[str, str]:
     """oci-image: the new revision's manifest digest and its tag, for the log."""
     if archive.method not in IMAGE_METHODS or stats.descriptor is None:
         return {}
-    return {"manifest": stats.descriptor["digest"], "image_tag": archive.image_tag}
+    fields = {"manifest": stats.descriptor["digest"], "image_tag": archive.image_tag,
+              "layers": str(stats.layers)}  # fmt: skip
+    if stats.merged:
+        fields["merged_layers"] = str(stats.merged)
+    return fields
 
 
 def write_archive(archive: Archive, upper: Upper, dest: Destination,

@@ -1,0 +1,320 @@
+"""Revision chains that last: retention (image-keep), the collector and its lock.
+
+The hook commits real overlays' upperdirs; what it leaves is checked with tools we
+did not write (umoci gc, skopeo inspect) and by reading every blob a descriptor names.
+The collector's lock is proven with commits held stopped (SIGSTOP) between their
+blobs and their index.json, 8 committers with retention at once, and SIGKILL at
+every step of a collection.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import requires_root
+from engines import run as run_tool
+from test_oci_image import (
+    blob,
+    check_layout,
+    image_args,
+    image_state,
+    read_json_blob,
+    tagged,
+    written_manifest,
+)
+from test_safety import finish, hook, mounted, small_tree, start_hook
+
+pytestmark = requires_root
+
+BASE_DIGEST = "org.opencontainers.image.base.digest"
+
+
+def commit(hook_bin: Path, tmp_path: Path, ovl, layout: Path, tag: str = "data",
+           container: str = "c", **more: str):  # fmt: skip
+    state = image_state(tmp_path / f"state-{container}", ovl,
+                        {"data": image_args(layout, tag, **more)}, container=container)  # fmt: skip
+    run = hook(hook_bin, state)
+    assert run.returncode == 0, run.log
+    return written_manifest(run), run
+
+
+def blob_names(layout: Path) -> set[str]:
+    return {p.name for p in (layout / "blobs" / "sha256").iterdir()}
+
+
+def reachable(layout: Path) -> set[str]:
+    """Every blob index.json reaches, read as image-spec says (the test's own mark)."""
+    index = json.loads((layout / "index.json").read_text())
+    names = set()
+    for descriptor in index["manifests"]:
+        manifest = read_json_blob(layout, descriptor["digest"])
+        for d in [descriptor, manifest["config"], *manifest["layers"]]:
+            names.add(d["digest"].removeprefix("sha256:"))
+    return names
+
+
+def chain_of(layout: Path, digest: str) -> list[str]:
+    chain = []
+    while digest and blob(layout, digest).exists():
+        chain.append(digest)
+        digest = read_json_blob(layout, digest).get("annotations", {}).get(BASE_DIGEST)
+    return chain
+
+
+# --- retention ------------------------------------------------------------------------------
+
+
+def test_image_keep_keeps_the_newest_of_the_chain_and_every_tagged_revision(
+    hook_bin, make_overlay, tmp_path
+):
+    """Two tags in one layout: image-keep=2 on `data` drops data's older revisions from
+    index.json and their blobs from the layout, never `other`'s nor a tagged one; what
+    is left is whole, and umoci gc finds nothing more to remove."""
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    other = [commit(hook_bin, tmp_path, ovl, layout, "other", f"o{i}")[0] for i in range(2)]
+    pinned, _ = commit(hook_bin, tmp_path, ovl, layout, "data", "d0")
+    commit(hook_bin, tmp_path, ovl, layout, "pinned", "p0", image_base=pinned)  # tags d0's child
+    # `keep` names d0 itself: a revision with a ref name is never removed
+    index = json.loads((layout / "index.json").read_text())
+    for d in index["manifests"]:
+        if d["digest"] == pinned:
+            d["annotations"] = {"org.opencontainers.image.ref.name": "keep"}
+    (layout / "index.json").write_text(json.dumps(index))
+    data = [pinned]
+    for i in range(1, 6):
+        digest, run = commit(hook_bin, tmp_path, ovl, layout, "data", f"d{i}", image_keep="2")
+        data.append(digest)
+        assert "layout collected" in run.log, run.log
+        index = check_layout(layout)
+        listed = [d["digest"] for d in index["manifests"]]
+        # the two newest of data's chain, d0 (ref name `keep`), other's and pinned's
+        assert set(data[-2:]) <= set(listed) and pinned in listed
+        assert not set(data[1:-2]) & set(listed), (i, listed)
+        assert set(other) <= set(listed) and tagged(index, "other") == [other[-1]]
+        assert blob_names(layout) == reachable(layout)
+        assert tagged(index, "data") == [digest]
+    before = blob_names(layout)
+    run_tool(["umoci", "gc", "--layout", str(layout)])
+    assert blob_names(layout) == before  # nothing unreachable was left
+    for tag in ("data", "other", "keep", "pinned"):
+        run_tool(["skopeo", "inspect", f"oci:{layout}:{tag}"])
+    # a revision retention removed: naming it as image-base fails, the layout unchanged
+    snapshot = {p: p.read_bytes() for p in layout.rglob("*") if p.is_file()}
+    state = image_state(tmp_path / "gone", ovl,
+                        {"data": image_args(layout, image_base=data[2])}, container="late")  # fmt: skip
+    run = hook(hook_bin, state)
+    assert run.returncode == 1, run.log
+    assert data[2] in run.error_for("data") and "no such blob" in run.error_for("data")
+    assert {p: p.read_bytes() for p in layout.rglob("*") if p.is_file()} == snapshot
+
+
+def test_without_image_keep_nothing_is_removed(hook_bin, make_overlay, tmp_path):
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    digests = [commit(hook_bin, tmp_path, ovl, layout, container=f"c{i}")[0] for i in range(4)]
+    index = check_layout(layout)
+    assert [d["digest"] for d in index["manifests"]] == digests
+    (layout / "blobs" / "sha256" / ("0" * 64)).write_bytes(b"not referenced")
+    _, run = commit(hook_bin, tmp_path, ovl, layout, container="c4")
+    assert "layout collected" not in run.log and ("0" * 64) in blob_names(layout)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [("0", "1 or more"), ("-1", "1 or more"), ("two", "1 or more"), ("1.5", "1 or more")],
+)
+def test_bad_image_keep_fails_that_archive(hook_bin, make_overlay, tmp_path, value, why):
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    run = hook(hook_bin, image_state(tmp_path, ovl, {"data": image_args(layout, image_keep=value)}))
+    assert run.returncode == 1, run.log
+    line = run.error_for("data")
+    assert "image-keep" in line and why in line and "Traceback" not in run.log, line
+    assert not layout.exists()
+
+
+def test_image_keep_on_another_method_fails_that_archive(hook_bin, make_overlay, tmp_path):
+    ovl = small_tree(make_overlay())
+    out = tmp_path / "out.tar"
+    state = image_state(tmp_path, ovl, {"data": {"archive_to": str(out), "method": "tar",
+                                                 "image_keep": "3"}})  # fmt: skip
+    run = hook(hook_bin, state)
+    assert run.returncode == 1, run.log
+    assert "image-keep is only for oci-image" in run.error_for("data")
+    assert not out.exists()
+
+
+# --- the collector and the commits in flight -------------------------------------------------
+
+HOLD_LOCK = """import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def waiting_in_lock(pid: int, timeout: float = 30) -> None:
+    """Until the process sleeps in a POSIX lock wait (the kernel's wchan says so)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        if "lock" in wchan or "setlk" in wchan:  # fcntl_setlk, locks_lock_inode_wait
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} never waited in a lock (wchan {wchan!r})")
+
+
+def test_a_collection_never_takes_a_running_commits_blobs(hook_bin, make_overlay, tmp_path):
+    """Commit A writes its blobs, then waits for index.lock (held here) and is stopped
+    there (SIGSTOP). Commit B, with image-keep=1, commits and would collect: A's blobs
+    are reached by nothing yet, but A holds blobs.lock, so B leaves them. A resumed:
+    its revision is whole. umoci gc, which takes no lock, would have removed them."""
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    commit(hook_bin, tmp_path, ovl, layout, container="first")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(layout / "index.lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+    with mounted(ovl) as merged:
+        (merged / "only-in-a").write_bytes(os.urandom(1 << 16))
+    a = start_hook(hook_bin, image_state(tmp_path / "a", ovl, {"data": image_args(layout)},
+                                         container="a"))  # fmt: skip
+    try:
+        waiting_in_lock(a.pid)
+        os.kill(a.pid, signal.SIGSTOP)
+    finally:
+        holder.communicate(b"release\n", timeout=10)
+    a_blobs = blob_names(layout) - reachable(layout)
+    assert len(a_blobs) == 3, a_blobs  # A's layer, config and manifest, not yet indexed
+    try:
+        _, b = commit(hook_bin, tmp_path, ovl, layout, container="b", image_keep="1")
+        assert "collection left to the next commit" in b.log, b.log
+        assert a_blobs <= blob_names(layout)
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    run_a = finish(a)
+    assert run_a.returncode == 0, run_a.log
+    index = check_layout(layout)  # every blob of every descriptor, A's included
+    assert tagged(index, "data") == [written_manifest(run_a)]
+    _, c = commit(hook_bin, tmp_path, ovl, layout, container="c", image_keep="1")
+    assert "layout collected" in c.log
+    assert blob_names(layout) == reachable(layout)
+    check_layout(layout)
+
+
+def test_8_committers_with_retention_never_leave_a_descriptor_without_its_blobs(
+    hook_bin, make_overlay, tmp_path
+):
+    """8 processes each commit 4 revisions with image-keep=2 at once (started together
+    behind a barrier: the index lock held until all wait), while a reader takes the index
+    lock again and again and checks every blob every descriptor reaches."""
+    ovls = []
+    for i in range(8):
+        ovl = make_overlay(f"o{i}")
+        with mounted(ovl) as merged:
+            (merged / f"file{i}").write_bytes(os.urandom(1 << 15))
+        ovls.append(ovl)
+    layout = tmp_path / "layout"
+    commit(hook_bin, tmp_path, ovls[0], layout, container="seed")
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        fd = os.open(layout / "index.lock", os.O_RDWR)
+        try:
+            while not stop.is_set():
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                try:
+                    index = json.loads((layout / "index.json").read_text())
+                    for d in index["manifests"]:
+                        manifest = read_json_blob(layout, d["digest"])
+                        for ref in [manifest["config"], *manifest["layers"]]:
+                            if not blob(layout, ref["digest"]).exists():
+                                problems.append(f"{d['digest']} names missing {ref['digest']}")
+                except (OSError, ValueError) as exc:
+                    problems.append(repr(exc))
+                finally:
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
+                time.sleep(0.005)
+        finally:
+            os.close(fd)
+
+    def committer(i: int) -> list[int]:
+        codes = []
+        for n in range(4):
+            tag = "shared" if i % 2 else f"own-{i}"
+            state = image_state(tmp_path / f"s{i}-{n}", ovls[i],
+                                {"data": image_args(layout, tag, image_keep="2")},
+                                container=f"w{i}-{n}")  # fmt: skip
+            proc = start_hook(hook_bin, state)
+            codes.append(finish(proc).returncode)
+        return codes
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(layout / "index.lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+    results: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, committer(i)))
+               for i in range(8)]  # fmt: skip
+    for t in threads:
+        t.start()
+    time.sleep(3)  # the first commit of each waits behind the held lock: a barrier
+    holder.communicate(b"release\n", timeout=10)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for t in threads:
+        t.join(timeout=600)
+    stop.set()
+    watcher.join()
+    assert all(results[i] == [0] * 4 for i in range(8)), results
+    assert problems == [], problems[:5]
+    index = check_layout(layout)
+    assert len(tagged(index, "shared")) == 1
+    # a last commit collects what the contended ones had to leave
+    _, last = commit(hook_bin, tmp_path, ovls[0], layout, "shared", "last", image_keep="2")
+    assert "layout collected" in last.log
+    assert blob_names(layout) == reachable(layout)
+    run_tool(["umoci", "gc", "--layout", str(layout)])
+    assert blob_names(layout) == reachable(layout)
+
+
+@pytest.mark.parametrize("when", [1, 2, 3])
+def test_sigkill_during_a_collection_leaves_a_whole_layout(hook_bin, make_overlay, tmp_path,
+                                                           when):  # fmt: skip
+    """SIGKILL at the 1st, 2nd, 3rd blob removal of a collection: index.json was
+    rewritten first, so every descriptor still has its blobs; the next commit finishes
+    the collection."""
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    for i in range(4):
+        with mounted(ovl) as merged:
+            (merged / f"run{i}").write_bytes(os.urandom(1 << 12))
+        commit(hook_bin, tmp_path, ovl, layout, container=f"c{i}")
+    with mounted(ovl) as merged:
+        (merged / "killed").write_bytes(os.urandom(1 << 12))  # a new layer: no unlink before
+    state = image_state(tmp_path / "killed", ovl, {"data": image_args(layout, image_keep="1")},
+                        container="killed")  # fmt: skip
+    proc = subprocess.run(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=unlinkat",
+         "-e", f"inject=unlinkat:signal=KILL:when={when}", str(hook_bin)],
+        input=state.encode(), capture_output=True, env={}, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0, proc.stderr.decode()
+    index = check_layout(layout)
+    assert len(index["manifests"]) == 1  # the dropped ones left index.json first
+    _, run = commit(hook_bin, tmp_path, ovl, layout, container="next", image_keep="1")
+    assert "layout collected" in run.log
+    assert blob_names(layout) == reachable(layout)
+    run_tool(["umoci", "gc", "--layout", str(layout)])
+    run_tool(["skopeo", "inspect", f"oci:{layout}:data"])
