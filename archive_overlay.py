@@ -2298,12 +2298,23 @@ def first_config() -> dict:
             "rootfs": {"type": "layers", "diff_ids": []}, "history": []}  # fmt: skip
 
 
+def padded_history(config: dict, layers: int) -> list[dict]:
+    """The config's history with an entry added for each of its first `layers` layers it
+    recorded none for (image-spec makes history optional): buildah and podman commit on
+    an image only when its non-empty history entries are as many as its layers."""
+    history = list(config.get("history", []))
+    recorded = sum(1 for h in history if not (isinstance(h, dict) and h.get("empty_layer")))
+    comment = "a layer of the base image, which recorded no history for it"
+    return history + [{"comment": comment} for _ in range(layers - recorded)]
+
+
 def new_config(base: Base | None, layer: dict, archive: Archive, info: RunInfo) -> dict:
     config = json.loads(json.dumps(base.config)) if base is not None else first_config()
+    config["history"] = padded_history(config, len(config["rootfs"]["diff_ids"]))
     config["created"] = info.created
     config["rootfs"]["diff_ids"].append(layer["diff_id"])
     comment = f"container {info.container_id} archive {archive.name}"
-    config.setdefault("history", []).append(
+    config["history"].append(
         {
             "created": info.created,
             "created_by": f"archive_overlay {__version__}",
