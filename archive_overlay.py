@@ -2043,6 +2043,7 @@ CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE, INDEX_FILE, LOCK_FILE = "oci-layout", "index.json", "index.lock"
+BLOB_TMP = "blob"  # blobs' temporaries: .blob.archive_overlay-tmp-<pid>-<random> in the layout
 MAX_JSON_BLOB = 4 << 20  # image-spec: registries may refuse manifests over 4 MiB
 # image-spec annotations.md: ref ::= component ("/" component)*, component ::=
 # alphanum (separator alphanum)*, alphanum ::= [A-Za-z0-9]+, separator ::= [-._:@+] | "--"
@@ -2162,8 +2163,22 @@ class Layout:
                 self.blobs_fd = open_dir_nofollow(self.shown_blobs, create=True)
             except OSError as exc:
                 raise ArchiveError(f"cannot open the layout's blobs: {describe(exc)}") from None
-            remove_stale_temporaries(self.blobs_fd, None, self.shown_blobs)
+            remove_stale_temporaries(self.blobs_fd, None, self.shown_blobs)  # older versions'
+            remove_stale_temporaries(self.fd, BLOB_TMP, self.path)
         return self.blobs_fd
+
+    def move_into_blobs(self, tmp: str, name: str) -> None:
+        """A blob's temporary, written in the layout's top directory, renamed to its digest
+        in blobs/sha256: nothing but digest-named files ever sits there (`umoci gc` refuses
+        a layout holding anything else), even after a SIGKILL."""
+        blobs_fd = self.open_blobs()
+        try:
+            os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=blobs_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self.fd)
+            raise
+        os.fsync(blobs_fd)
 
     def read_blob(self, digest: str, what: str) -> dict:
         """A JSON blob, checked against its digest."""
@@ -2194,16 +2209,16 @@ class Layout:
         blobs_fd = self.open_blobs()
         old = lstat_at(blobs_fd, digest)
         if old is None or not stat.S_ISREG(old.st_mode) or old.st_size != len(data):
-            write_file_at(blobs_fd, digest, data, self.shown_blobs)
+            self.move_into_blobs(write_temp_file(self.fd, BLOB_TMP, data), digest)
         return {"mediaType": media_type, "digest": "sha256:" + digest, "size": len(data)}
 
     def put_layer(self, archive: Archive, entries: Iterable[Entry], upper: Upper,
                   stats: Stats) -> None:  # fmt: skip
         """The layer as oci-layer writes it, through a locked temporary, kept under its digest."""
         blobs_fd = self.open_blobs()
-        tmp = temp_name("blob")
+        tmp = temp_name(BLOB_TMP)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o644, dir_fd=blobs_fd)
+        fd = os.open(tmp, flags, 0o644, dir_fd=self.fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # a live temporary: see is_stale
             write_tar(oci_entries(entries, upper, archive.name), fd, archive, stats, layer=True)
@@ -2213,13 +2228,12 @@ class Layout:
             name = stats.descriptor["digest"].removeprefix("sha256:")
             old = lstat_at(blobs_fd, name)
             if old is not None and stat.S_ISREG(old.st_mode) and old.st_size == stats.archive_bytes:
-                os.unlink(tmp, dir_fd=blobs_fd)  # the same layer is there already
+                os.unlink(tmp, dir_fd=self.fd)  # the same layer is there already
             else:
-                os.rename(tmp, name, src_dir_fd=blobs_fd, dst_dir_fd=blobs_fd)
-            os.fsync(blobs_fd)
+                self.move_into_blobs(tmp, name)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=blobs_fd)
+                os.unlink(tmp, dir_fd=self.fd)
             raise
         finally:
             os.close(fd)
