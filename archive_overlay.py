@@ -2069,6 +2069,7 @@ INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE, INDEX_FILE, LOCK_FILE = "oci-layout", "index.json", "index.lock"
 BLOBS_LOCK_FILE = "blobs.lock"
+BLOB_TMP = "blob"  # blobs' temporaries: .blob.archive_overlay-tmp-<pid>-<random> in the layout
 MAX_JSON_BLOB = 4 << 20  # image-spec: registries may refuse manifests over 4 MiB
 # image-spec annotations.md: ref ::= component ("/" component)*, component ::=
 # alphanum (separator alphanum)*, alphanum ::= [A-Za-z0-9]+, separator ::= [-._:@+] | "--"
@@ -2192,8 +2193,22 @@ class Layout:
                 self.blobs_fd = open_dir_nofollow(self.shown_blobs, create=True)
             except OSError as exc:
                 raise ArchiveError(f"cannot open the layout's blobs: {describe(exc)}") from None
-            remove_stale_temporaries(self.blobs_fd, None, self.shown_blobs)
+            remove_stale_temporaries(self.blobs_fd, None, self.shown_blobs)  # older versions'
+            remove_stale_temporaries(self.fd, BLOB_TMP, self.path)
         return self.blobs_fd
+
+    def move_into_blobs(self, tmp: str, name: str) -> None:
+        """A blob's temporary, written in the layout's top directory, renamed to its digest
+        in blobs/sha256: nothing but digest-named files ever sits there (`umoci gc` refuses
+        a layout holding anything else), even after a SIGKILL."""
+        blobs_fd = self.open_blobs()
+        try:
+            os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=blobs_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self.fd)
+            raise
+        os.fsync(blobs_fd)
 
     def read_blob(self, digest: str, what: str) -> dict:
         """A JSON blob, checked against its digest."""
@@ -2224,7 +2239,7 @@ class Layout:
         blobs_fd = self.open_blobs()
         old = lstat_at(blobs_fd, digest)
         if old is None or not stat.S_ISREG(old.st_mode) or old.st_size != len(data):
-            write_file_at(blobs_fd, digest, data, self.shown_blobs)
+            self.move_into_blobs(write_temp_file(self.fd, BLOB_TMP, data), digest)
         return {"mediaType": media_type, "digest": "sha256:" + digest, "size": len(data)}
 
     def put_layer(self, archive: Archive, entries: Iterable[Entry], upper: Upper,
@@ -2240,9 +2255,9 @@ class Layout:
         """A large blob written by `write` (which sets stats.descriptor) to a locked
         temporary, fsync'd, then kept under its digest in blobs/sha256."""
         blobs_fd = self.open_blobs()
-        tmp = temp_name("blob")
+        tmp = temp_name(BLOB_TMP)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o644, dir_fd=blobs_fd)
+        fd = os.open(tmp, flags, 0o644, dir_fd=self.fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # a live temporary: see is_stale
             write(fd)
@@ -2252,13 +2267,12 @@ class Layout:
             name = stats.descriptor["digest"].removeprefix("sha256:")
             old = lstat_at(blobs_fd, name)
             if old is not None and stat.S_ISREG(old.st_mode) and old.st_size == stats.archive_bytes:
-                os.unlink(tmp, dir_fd=blobs_fd)  # the same blob is there already
+                os.unlink(tmp, dir_fd=self.fd)  # the same blob is there already
             else:
-                os.rename(tmp, name, src_dir_fd=blobs_fd, dst_dir_fd=blobs_fd)
-            os.fsync(blobs_fd)
+                self.move_into_blobs(tmp, name)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=blobs_fd)
+                os.unlink(tmp, dir_fd=self.fd)
             raise
         finally:
             os.close(fd)
@@ -2337,13 +2351,22 @@ def first_config() -> dict:
             "rootfs": {"type": "layers", "diff_ids": []}, "history": []}  # fmt: skip
 
 
+def padded_history(config: dict, layers: int) -> list[dict]:
+    """The config's history with an entry added for each of its first `layers` layers it
+    recorded none for (image-spec makes history optional): buildah and podman commit on
+    an image only when its non-empty history entries are as many as its layers."""
+    history = list(config.get("history", []))
+    recorded = sum(1 for h in history if not (isinstance(h, dict) and h.get("empty_layer")))
+    comment = "a layer of the base image, which recorded no history for it"
+    return history + [{"comment": comment} for _ in range(layers - recorded)]
+
+
 def new_config(base: Base | None, layer: dict, archive: Archive, info: RunInfo) -> dict:
     config = json.loads(json.dumps(base.config)) if base is not None else first_config()
+    config["history"] = padded_history(config, len(config["rootfs"]["diff_ids"]))
     config["created"] = info.created
-    layers = len(config["rootfs"]["diff_ids"])
     config["rootfs"]["diff_ids"].append(layer["diff_id"])
     comment = f"container {info.container_id} archive {archive.name}"
-    config["history"] = padded_history(config.get("history", []), layers)
     config["history"].append(
         {
             "created": info.created,
@@ -2352,16 +2375,6 @@ def new_config(base: Base | None, layer: dict, archive: Archive, info: RunInfo) 
         }
     )
     return config
-
-
-def padded_history(history: list, layers: int) -> list:
-    """The history with an entry for each layer: buildah and podman refuse to commit on
-    top of an image whose non-empty history entries differ from its layers in number.
-    A base that recorded fewer (image-spec makes history optional) gets entries for its
-    oldest layers, saying so."""
-    missing = layers - len(layer_entries(history))
-    padding = {"created_by": "", "comment": "a layer of the base image; it recorded no history"}
-    return [dict(padding) for _ in range(max(missing, 0))] + history
 
 
 def layer_entries(history: list) -> list[int]:
@@ -2473,7 +2486,7 @@ def check_room(base: Base | None, max_layers: int) -> None:
     if base is None:
         return
     layers = len(base.manifest["layers"])
-    own_base = base_layers(padded_history(base.config.get("history", []), layers), layers)
+    own_base = base_layers(padded_history(base.config, layers), layers)
     if own_base >= max_layers:
         raise ArchiveError(
             f"base {base.name or base.digest} has {own_base} layers archive_overlay did not "

@@ -17,21 +17,37 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import requires_root
+from conftest import archive_annotations, requires_root
+from engines import TEST_USER, Podman, build_oci_image, ensure_user, remove_tree, scratch_dir
 from engines import run as run_tool
 from test_oci_image import (
     blob,
     check_layout,
     image_args,
     image_state,
+    podman_loaded,
     read_json_blob,
     tagged,
+    unpacked_view,
+    user_tool,
     written_manifest,
 )
-from test_safety import finish, hook, mounted, small_tree, start_hook
+from test_oci_layer import (
+    BB_IMAGE,
+    LISTING,
+    Tree,
+    assert_same_tree,
+    build_tools_rootfs,
+    parse_listing,
+    podman_run_args,
+    read_log,
+    require_tools,
+)
+from test_safety import HookRun, finish, hook, mounted, small_tree, start_hook
 
 pytestmark = requires_root
 
@@ -318,3 +334,144 @@ def test_sigkill_during_a_collection_leaves_a_whole_layout(hook_bin, make_overla
     assert blob_names(layout) == reachable(layout)
     run_tool(["umoci", "gc", "--layout", str(layout)])
     run_tool(["skopeo", "inspect", f"oci:{layout}:data"])
+
+
+# --- squashing: image-max-layers ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loop_images() -> Iterator[Path]:
+    """A world-reachable dir with an OCI layout holding `bb` (busybox, xattr tools) and
+    `squash` (the data image of the squash loop)."""
+    require_tools("podman", "runc", "umoci", "skopeo")
+    base = scratch_dir("ao-ch-")
+    base.chmod(0o755)
+    try:
+        build_oci_image(base / "img", "bb", build_tools_rootfs(base / "rootfs"))
+        build_oci_image(base / "img", "squash", write_squash_data(base / "data"))
+        yield base
+    finally:
+        remove_tree(base)
+
+
+# `sh -c SQUASH_LOOP sh /data N`: the listing before, run N's changes, the listing after.
+# Over the runs: files added, rewritten and deleted in later runs (deleted ones that the
+# base has, and ones it never had), a directory deleted and recreated, a file replaced by a
+# directory and back, hardlinks whose data-holding name is deleted or rewritten later,
+# symlinks, FIFOs, owners, modes and xattrs changed.
+SQUASH_CHANGES = """(
+set -e
+cd "$1"; n=$2; p=$((n - 1)); q=$((n - 2))
+echo "added in run $n" > "added-$n.txt"
+ln "added-$n.txt" "link-$n"
+echo "changed in run $n" >> changing.txt
+rm -f "doomed-$n.txt"
+[ "$n" -gt 1 ] && echo "rewritten in run $n" > "added-$p.txt"
+[ "$n" -gt 2 ] && rm "added-$q.txt" && rm -f "gone-$q"
+echo "gone later" > "gone-$n"
+rm -r redo
+mkdir -p redo/sub
+echo "redone in run $n" > "redo/sub/r-$n.txt"
+if [ -d toggle ]; then rm -r toggle; echo "a file again in run $n" > toggle
+else rm -f toggle; mkdir toggle; echo "in a dir in run $n" > toggle/inner; fi
+ln -sf "added-$n.txt" newest
+rm -f fifo; mkfifo fifo
+chmod 0$((600 + n % 2 * 40)) keep/k.txt
+chown "$n:$((n + 1))" changing.txt
+setfattr -n user.run -v "run $n" keep
+) || exit 3
+"""
+SQUASH_LOOP = LISTING + "echo '#####'\n" + SQUASH_CHANGES + LISTING
+SQUASH_RUNS = 9
+
+
+def write_squash_data(root: Path) -> Path:
+    for d in ("keep", "redo/sub"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    files = {"keep/k.txt": "kept\n", "changing.txt": "first line\n", "redo/old.txt": "old\n",
+             "redo/sub/y.txt": "y\n", "toggle": "a file in the base\n"}  # fmt: skip
+    files |= {f"doomed-{n}.txt": f"doomed {n}\n" for n in range(1, SQUASH_RUNS + 1)}
+    for name, text in files.items():
+        (root / name).write_text(text)
+    return root
+
+
+def check_revision(layout: Path, digest: str, max_layers: int, runs: int) -> dict:
+    """Within max_layers; as many non-empty history entries as layers; every run listed."""
+    manifest = read_json_blob(layout, digest)
+    config = read_json_blob(layout, manifest["config"]["digest"])
+    layers, history = manifest["layers"], config["history"]
+    assert len(layers) <= max_layers, len(layers)
+    assert len(config["rootfs"]["diff_ids"]) == len(layers)
+    assert len([h for h in history if not h.get("empty_layer")]) == len(layers), history
+    ran = [h for h in history if h.get("created_by", "").count(" ") == 1
+           and h["created_by"].startswith("archive_overlay ")]  # fmt: skip
+    assert len(ran) == runs, history
+    return manifest
+
+
+@pytest.mark.parametrize("rootless", [False, True], ids=["rootful", "rootless"])
+def test_squashed_chain_is_what_each_container_left(
+    rootless: bool, loop_images: Path, hook_bin: Path, tmp_path: Path
+) -> None:
+    """image-max-layers=3 over 9 podman runs: the data image's layer stays first, the
+    hook's layers are merged as the chain grows, and each container mounts exactly what
+    the last one left (entry by entry, checksums); umoci agrees with it after every
+    commit; buildah commits on top of the last revision."""
+    if rootless:
+        require_tools("runuser", "newuidmap", "newgidmap")
+    user = ensure_user(TEST_USER) if rootless else None
+    root = loop_images / ("sl" if rootless else "sf")
+    podman = Podman(root, user=user)
+    revs, log = root / "revs", root / "hook.log"
+    layout = revs / "data"
+    try:
+        podman.setup()
+        revs.mkdir()
+        if user is not None:
+            os.chown(revs, user.uid, user.gid)
+        podman.install_hook(hook_bin, log, allow_dir=revs)
+        podman.load(f"oci:{loop_images / 'img'}:bb", BB_IMAGE)
+        podman.load(f"oci:{loop_images / 'img'}:squash", "localhost/data:start")
+        user_tool(podman, "skopeo", "copy", "--quiet", "containers-storage:localhost/data:start",
+                  f"oci:{layout}:data")  # fmt: skip
+        base_layer = read_json_blob(layout, tagged(check_layout(layout), "data")[0])["layers"][0]
+        views: list[Tree] = []
+        merged_runs = 0
+        for n in range(1, SQUASH_RUNS + 1):
+            pinned = user_tool(podman, "skopeo", "inspect", "--format", "{{.Digest}}",
+                               f"oci:{layout}:data").stdout.strip()  # fmt: skip
+            image = f"localhost/data:in{n}"
+            podman.load(f"oci:{layout}:data", image)
+            annotations = archive_annotations(
+                "data", mount_point="/data", archive_to=str(layout), image_tag="data",
+                image_base=pinned, method="oci-image", image_max_layers="3",
+            )  # fmt: skip
+            proc = podman(*podman_run_args(annotations, image, True, SQUASH_LOOP, "/data",
+                                           str(n)), check=False)  # fmt: skip
+            diag = (f"\n[run {n}] podman exit {proc.returncode}, stderr:\n{proc.stderr}"
+                    f"--- hook log:\n{read_log(log)}")  # fmt: skip
+            assert proc.returncode == 0, diag
+            before_text, _, after_text = proc.stdout.partition("#####\n")
+            before, after = parse_listing(before_text), parse_listing(after_text)
+            if views:
+                assert_same_tree(views[-1], before, f"run {n}'s /data before its changes", diag)
+            views.append(after)
+            last_line = read_log(log).splitlines()[-1]
+            merged_runs += "merged_layers=" in last_line
+            digest = written_manifest(HookRun(0, last_line))
+            manifest = check_revision(layout, digest, 3, n)
+            assert manifest["layers"][0] == base_layer, diag  # the base's own, byte for byte
+            work = tmp_path / f"unpack{n}"
+            work.mkdir()
+            assert_same_tree(after, unpacked_view(layout, False, work), f"umoci, rev {n}", diag)
+        assert merged_runs >= SQUASH_RUNS - 2, merged_runs
+        last = podman(*podman_run_args({}, podman_loaded(podman, layout), False, LISTING,
+                                       "/data"))  # fmt: skip
+        assert_same_tree(views[-1], parse_listing(last.stdout), "a container of the last revision")
+        history = json.loads(run_tool(["skopeo", "inspect", "--config",
+                                       f"oci:{layout}:data"]).stdout)["history"]  # fmt: skip
+        comments = [h.get("comment", "") for h in history if not h.get("empty_layer")]
+        assert any("runs merged into one layer" in c for c in comments), history
+    finally:
+        podman.teardown()
