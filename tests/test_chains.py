@@ -12,7 +12,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -21,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import archive_annotations, requires_root
+from conftest import Overlay, archive_annotations, requires_root, state_json, write_bundle
 from engines import TEST_USER, Podman, build_oci_image, ensure_user, remove_tree, scratch_dir
 from engines import run as run_tool
 from test_oci_image import (
@@ -47,7 +49,7 @@ from test_oci_layer import (
     read_log,
     require_tools,
 )
-from test_safety import HookRun, finish, hook, mounted, small_tree, start_hook
+from test_safety import HookRun, describe, finish, hook, mounted, small_tree, start_hook
 
 pytestmark = requires_root
 
@@ -475,3 +477,128 @@ def test_squashed_chain_is_what_each_container_left(
         assert any("runs merged into one layer" in c for c in comments), history
     finally:
         podman.teardown()
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry: its kind, mode, owner, content (checksum, link target, device), its
+    mtime to the nanosecond (not a directory's), user xattrs, and its hardlink group
+    (the first name of its inode)."""
+    entries: dict[str, tuple] = {}
+    first_name: dict[int, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            st = os.lstat(path)
+            kind, mode, uid, gid, payload = describe(path)
+            mtime = None if stat.S_ISDIR(st.st_mode) else st.st_mtime_ns
+            xattrs = tuple(sorted((x, os.getxattr(path, x, follow_symlinks=False))
+                                  for x in os.listxattr(path, follow_symlinks=False)
+                                  if x.startswith("user.")))  # fmt: skip
+            group = None
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                group = first_name.setdefault(st.st_ino, rel)
+            entries[rel] = (kind, mode, uid, gid, payload, mtime, xattrs, group)
+    return entries
+
+
+def change_tree(merged: Path, n: int) -> None:
+    """Run n's changes, made through the overlay as a container would make them."""
+    (merged / f"added-{n}").write_text(f"added in run {n}\n")
+    os.link(merged / f"added-{n}", merged / f"link-{n}")
+    with open(merged / "changing", "a") as f:
+        f.write(f"changed in run {n}\n")
+    if n > 1:
+        (merged / f"added-{n - 1}").write_text(f"rewritten in run {n}\n")  # link-(n-1) keeps
+    if n > 2:
+        (merged / f"added-{n - 2}").unlink()  # link-(n-2) keeps the data
+        shutil.rmtree(merged / f"dir-{n - 2}")
+    (merged / f"dir-{n}" / "sub").mkdir(parents=True)
+    (merged / f"dir-{n}" / "sub" / "f").write_bytes(os.urandom(64))
+    doomed = merged / f"base-{n % 7}"
+    if doomed.exists():
+        doomed.unlink()
+    else:
+        doomed.write_text(f"back in run {n}\n")
+    shutil.rmtree(merged / "redo")
+    (merged / "redo" / "sub").mkdir(parents=True)
+    (merged / "redo" / "sub" / f"r-{n}").write_text("redone\n")
+    toggle = merged / "toggle"
+    if toggle.is_dir():
+        shutil.rmtree(toggle)
+        toggle.write_text(f"a file again in run {n}\n")
+    else:
+        toggle.unlink()
+        toggle.mkdir()
+        (toggle / "inner").write_text(f"in a dir in run {n}\n")
+    newest = merged / "newest"
+    newest.unlink(missing_ok=True)
+    newest.symlink_to(f"added-{n}")
+    fifo = merged / "fifo"
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    dev = merged / "dev-null"
+    dev.unlink(missing_ok=True)
+    os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3 + n % 2))
+    keep = merged / "keep" / "k"
+    os.chmod(keep, 0o600 + (n % 2) * 0o40)
+    os.chown(merged / "changing", n, n + 1)
+    os.setxattr(merged / "keep", "user.run", f"run {n}".encode())
+    os.utime(keep, ns=(n * 10**9 + 123, n * 10**9 + 456789))
+
+
+def test_300_runs_each_mounting_the_last_revision(hook_bin, tmp_path):
+    """300 runs, image-max-layers=4: each run mounts the last revision (as umoci unpacks
+    it) under a real overlay, changes it, and the hook commits it; the next unpacking
+    equals what the run left, entry by entry; every revision stays within 4 layers with
+    its base image's layer first, and its history lists every run."""
+    seed = tmp_path / "seed"
+    (seed / "keep").mkdir(parents=True)
+    (seed / "keep" / "k").write_text("kept\n")
+    (seed / "changing").write_text("first line\n")
+    (seed / "redo").mkdir()
+    (seed / "redo" / "old").write_text("old\n")
+    (seed / "toggle").write_text("a file in the base\n")
+    for i in range(7):
+        (seed / f"base-{i}").write_text(f"base {i}\n")
+    layout = tmp_path / "layout"
+    build_oci_image(layout, "data", seed)
+    base_layer = read_json_blob(layout, tagged(check_layout(layout), "data")[0])["layers"][0]
+    expected: dict[str, tuple] | None = None
+    for n in range(1, 301):
+        bundle = tmp_path / "bundle"
+        shutil.rmtree(bundle, ignore_errors=True)
+        run_tool(["umoci", "unpack", "--image", f"{layout}:data", str(bundle)])
+        rootfs = bundle / "rootfs"
+        if expected is not None:
+            assert snapshot(rootfs) == expected, f"revision {n - 1} is not what run {n - 1} left"
+        ovl = Overlay(tmp_path / f"run{n % 2}")
+        shutil.rmtree(ovl.root, ignore_errors=True)
+        for d in (ovl.upper, ovl.work, ovl.merged):
+            d.mkdir(parents=True)
+        opts = f"lowerdir={rootfs},upperdir={ovl.upper},workdir={ovl.work}"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(ovl.merged)],
+                       check=True)  # fmt: skip
+        try:
+            change_tree(ovl.merged, n)
+            expected = snapshot(ovl.merged)
+        finally:
+            subprocess.run(["umount", str(ovl.merged)], check=True)
+        pinned = run_tool(["skopeo", "inspect", "--format", "{{.Digest}}",
+                           f"oci:{layout}:data"]).stdout.strip()  # fmt: skip
+        mount = {"destination": "/data", "type": "overlay", "source": "overlay",
+                 "options": [f"lowerdir={rootfs}", f"upperdir={ovl.upper}",
+                             f"workdir={ovl.work}"]}  # fmt: skip
+        annotations = archive_annotations("data", mount_point="/data", archive_to=str(layout),
+                                          method="oci-image", image_tag="data",
+                                          image_base=pinned, image_max_layers="4")  # fmt: skip
+        bundle_dir = write_bundle(tmp_path / "hook-bundle", [mount], annotations)
+        run = hook(hook_bin, state_json(bundle_dir))
+        assert run.returncode == 0, run.log
+        manifest = check_revision(layout, written_manifest(run), 4, n)
+        assert manifest["layers"][0] == base_layer
+    bundle = tmp_path / "bundle"
+    shutil.rmtree(bundle, ignore_errors=True)
+    run_tool(["umoci", "unpack", "--image", f"{layout}:data", str(bundle)])
+    assert snapshot(bundle / "rootfs") == expected
