@@ -27,6 +27,7 @@ import grp
 import importlib.machinery
 import importlib.util
 import json
+import marshal
 import os
 import posixpath
 import pwd
@@ -1726,7 +1727,20 @@ def tar_header(entry: Entry, owner: tuple[int, int] | None, link_to: bytes | Non
         uname, gname = user_name(uid), group_name(gid)
     else:
         (uid, gid), uname, gname = owner, b"", b""
-    seconds = st.st_mtime_ns // 1_000_000_000
+    is_device = typeflag in (b"3", b"4")
+    return header_blocks(
+        name, st.st_mode, uid, gid, size, st.st_mtime_ns, typeflag, linkname, uname, gname,
+        os.major(st.st_rdev) if is_device else 0, os.minor(st.st_rdev) if is_device else 0,
+        records, xattr_records(entry.xattrs) if entry.xattrs else [],
+    )  # fmt: skip
+
+
+def header_blocks(name: bytes, mode: int, uid: int, gid: int, size: int, mtime_ns: int,
+                  typeflag: bytes, linkname: bytes, uname: bytes, gname: bytes, devmajor: int,
+                  devminor: int, records: list[bytes], more: list[bytes]) -> bytes:  # fmt: skip
+    """A member's header from its fields: PAX records for what ustar cannot hold (after
+    `records`, before `more`), then the ustar block."""
+    seconds = mtime_ns // 1_000_000_000
     if len(name) > 100:
         records.append(pax_record(b"path", name))
     if len(linkname) > 100:
@@ -1739,20 +1753,17 @@ def tar_header(entry: Entry, owner: tuple[int, int] | None, link_to: bytes | Non
         gid = 0
     if size > MAX_OCTAL_11:
         records.append(pax_record(b"size", b"%d" % size))
-    if st.st_mtime_ns % 1_000_000_000 or not 0 <= seconds <= MAX_OCTAL_11:
-        records.append(pax_record(b"mtime", pax_time(st.st_mtime_ns)))
+    if mtime_ns % 1_000_000_000 or not 0 <= seconds <= MAX_OCTAL_11:
+        records.append(pax_record(b"mtime", pax_time(mtime_ns)))
         seconds = min(max(seconds, 0), MAX_OCTAL_11)
     if len(uname) > 32:
         records.append(pax_record(b"uname", uname))
     if len(gname) > 32:
         records.append(pax_record(b"gname", gname))
-    if entry.xattrs:
-        records += xattr_records(entry.xattrs)
-    is_device = typeflag in (b"3", b"4")
+    records += more
     block = ustar_block(
-        name, stat.S_IMODE(st.st_mode), uid, gid, min(size, MAX_OCTAL_11), seconds, typeflag,
-        linkname, uname, gname,
-        os.major(st.st_rdev) if is_device else 0, os.minor(st.st_rdev) if is_device else 0,
+        name, stat.S_IMODE(mode), uid, gid, min(size, MAX_OCTAL_11), seconds, typeflag,
+        linkname, uname, gname, devmajor, devminor,
     )  # fmt: skip
     if not records:
         return block
@@ -2054,6 +2065,516 @@ def layer_descriptor(sink: TarSink, compressor: str) -> dict:
         "digest": "sha256:" + sink.out.digest.hexdigest(),
         "diff_id": "sha256:" + sink.tar_digest.hexdigest(),
     }
+
+
+# ---------------------------------------------------------------------------
+# Merging layers.  Consecutive layers of an image become one layer that,
+# applied on top of the layers below them, gives the same filesystem as
+# applying them in order, as image-spec's layer.md and containers/storage's
+# applier have it: a whiteout .wh.x deletes x and all under it; an opaque
+# .wh..wh..opq in d hides what lower layers have under d; an entry replaces its
+# path (a directory over a directory keeps the children); a link member joins
+# its target's inode, and a regular file is a new inode (its other names keep
+# the old data).
+#
+# Nothing is mounted or extracted: each layer is read as a stream.  Pass 1 reads
+# the headers of the layers below (only which paths exist there) and of the
+# merged ones (the newest state of every path they touch, each name's inode) into
+# an SQLite index in a temporary file beside blobs/, so memory stays small
+# whatever the chain.  Pass 2 writes the result: directories, whiteouts, symlinks,
+# devices and FIFOs in path order from the index; then the merged layers are read
+# again, oldest first, and each surviving file's data is written once, under its
+# first name, with its newest metadata; then its other names as link members.
+#
+# In the index a path is its bytes with "/" as "\0": sorted, a directory's
+# subtree follows it, and a subtree is one key range.  A path the merged layers
+# delete stays as a tombstone (a whiteout in the result where a layer below has
+# the path); a directory whose lower contents were hidden (deleted, replaced by
+# a non-directory, made opaque) is "wiped" (opaque in the result).
+# ---------------------------------------------------------------------------
+
+LAYER_COMPRESSION = {
+    "application/vnd.oci.image.layer.v1.tar": None,
+    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+}
+MERGE_CACHE_KIB = 8 << 10  # SQLite's page cache: what the index may hold in memory
+TOMBSTONE, DIRECTORY, NOT_DIRECTORY = 0, 1, 2
+MEMBER_TYPES = {
+    b"0": stat.S_IFREG, b"\0": stat.S_IFREG, b"7": stat.S_IFREG, b"2": stat.S_IFLNK,
+    b"3": stat.S_IFCHR, b"4": stat.S_IFBLK, b"5": stat.S_IFDIR, b"6": stat.S_IFIFO,
+}  # fmt: skip
+WHITEOUT_META_PREFIX = b".wh..wh."  # aufs's own files (.wh..wh.plnk ...): not changes
+INDEX_SCHEMA = """
+CREATE TABLE below (key BLOB PRIMARY KEY, layer INTEGER, dir INTEGER) WITHOUT ROWID;
+CREATE TABLE node (key BLOB PRIMARY KEY, layer INTEGER, kind INTEGER, ino INTEGER,
+                   wiped INTEGER, meta BLOB) WITHOUT ROWID;
+CREATE INDEX node_ino ON node (ino, key);
+CREATE TABLE inode (id INTEGER PRIMARY KEY, layer INTEGER, ordinal INTEGER, regular INTEGER,
+                    meta BLOB);
+CREATE TABLE holder (ino INTEGER PRIMARY KEY, key BLOB);
+"""
+
+
+class Member:
+    """One member of a layer, as the merge needs it: its path (an index key), what
+    kind of change it is, and its header's fields (meta: see member_meta)."""
+
+    __slots__ = ("info", "key", "link", "meta", "mode", "name", "ordinal")
+
+    def __init__(self, info: object, ordinal: int, name: bytes, key: bytes, mode: int,
+                 link: bytes | None, meta: tuple) -> None:  # fmt: skip
+        self.info = info  # tarfile's, to read the data with
+        self.ordinal = ordinal  # its place in the layer, counting every member
+        self.name = name  # as the layer spells it, for errors
+        self.key = key
+        self.mode = mode  # with its file type
+        self.link = link  # a link member's target, as a key
+        self.meta = meta
+
+
+def path_key(name: bytes, digest: str) -> bytes:
+    """A member's path as an index key: no leading "./" or "/", "/" as "\\0"."""
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise ArchiveError(f"layer {digest}: member {shown_name(name)} leaves the root")
+    return b"\0".join(parts)
+
+
+def key_path(key: bytes) -> bytes:
+    return key.replace(b"\0", b"/")
+
+
+def pax_mtime_ns(text: str) -> int:
+    """A PAX mtime ("-12.5", "1700000000.123456789") in nanoseconds, exactly."""
+    sign = -1 if text.startswith("-") else 1
+    seconds, _, fraction = text.lstrip("-").partition(".")
+    return sign * (int(seconds or "0") * 1_000_000_000 + int((fraction + "0" * 9)[:9]))
+
+
+def member_meta(info: object, mode: int) -> tuple:
+    """What the result's header repeats: mode, owner (ids and names as the layer had
+    them), mtime in ns, size, symlink target, device numbers, SCHILY records (xattrs,
+    ACLs), raw."""
+    pax = info.pax_headers
+    mtime = pax_mtime_ns(pax["mtime"]) if "mtime" in pax else int(info.mtime) * 1_000_000_000
+    records = tuple(
+        (key.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
+        for key, value in pax.items()
+        if key.startswith("SCHILY.")
+    )
+    return (
+        mode, info.uid, info.gid, os.fsencode(info.uname), os.fsencode(info.gname), mtime,
+        info.size if stat.S_ISREG(mode) else 0,
+        os.fsencode(info.linkname) if stat.S_ISLNK(mode) else b"", info.devmajor, info.devminor,
+        records,
+    )  # fmt: skip
+
+
+class HashingReader:
+    """A layer blob read once from start to end, its digest and size checked at the end."""
+
+    def __init__(self, fd: int, descriptor: dict) -> None:
+        self.file = open(fd, "rb", buffering=0)  # noqa: SIM115
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.expected = descriptor
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        n = self.file.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:n])
+        self.size += n
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.file.read(n) if n >= 0 else self.file.readall()
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def check(self) -> None:
+        """Read what is left and compare with the descriptor."""
+        while self.read(READ_CHUNK):
+            pass
+        digest = "sha256:" + self.digest.hexdigest()
+        if digest != self.expected["digest"]:
+            raise ArchiveError(f"layer {self.expected['digest']} does not match its digest")
+        size = self.expected.get("size")
+        if isinstance(size, int) and size != self.size:
+            raise ArchiveError(f"layer {self.expected['digest']} is {self.size} bytes, not {size}")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def open_layer(blobs_fd: int, descriptor: dict) -> HashingReader:
+    digest = descriptor.get("digest")
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise ArchiveError(f"layer {digest!r} is not a sha256 digest")
+    if descriptor.get("mediaType") not in LAYER_COMPRESSION:
+        raise ArchiveError(
+            f"layer {digest} has media type {descriptor.get('mediaType')!r}: "
+            "merging reads only OCI and Docker tar, tar+gzip and tar+zstd layers"
+        )
+    try:
+        fd = os.open(digest.removeprefix("sha256:"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=blobs_fd)  # fmt: skip
+    except OSError as exc:
+        raise ArchiveError(f"layer {digest}: cannot open its blob: {exc.strerror}") from None
+    return HashingReader(fd, descriptor)
+
+
+def decompressed(raw: HashingReader, compression: str | None) -> BinaryIO:
+    if compression == "gzip":
+        from isal import igzip
+
+        return igzip.IGzipFile(fileobj=raw, mode="rb")
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                          closefd=False)  # fmt: skip
+    return raw
+
+
+@contextlib.contextmanager
+def layer_members(blobs_fd: int, descriptor: dict, whole: bool = True) -> Iterator[Iterator]:
+    """The members of one layer, read as a stream: (Member, the open tar for its data).
+    With whole, the blob is read to its end and checked against its digest."""
+    import tarfile
+
+    digest = descriptor.get("digest")
+    raw = open_layer(blobs_fd, descriptor)
+    where = ["its start"]
+
+    def members() -> Iterator[tuple[Member, object]]:
+        stream = decompressed(raw, LAYER_COMPRESSION[descriptor["mediaType"]])
+        tar = tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape")  # noqa: SIM115
+        ordinal = 0
+        while True:
+            info = tar.next()
+            tar.members.clear()  # a stream's TarFile keeps every header otherwise
+            if info is None:
+                break
+            name = os.fsencode(info.name)
+            where[0] = f"member {shown_name(name)}"
+            mode = MEMBER_TYPES.get(info.type)
+            if info.type == b"1":
+                mode = 0
+            elif mode is None:
+                raise ArchiveError(f"layer {digest}: member {shown_name(name)} has tar type "
+                                   f"{info.type!r}, which a layer cannot hold")  # fmt: skip
+            link = path_key(os.fsencode(info.linkname), digest) if info.type == b"1" else None
+            mode |= info.mode & 0o7777
+            yield Member(info, ordinal, name, path_key(name, digest), mode, link,
+                         member_meta(info, mode)), tar  # fmt: skip
+            ordinal += 1
+        if whole:
+            while stream.read(READ_CHUNK):
+                pass
+            raw.check()
+
+    try:
+        yield members()
+    except corrupt_layer_errors() as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the disk, not the layer
+        raise ArchiveError(f"layer {digest} is corrupt or truncated at {where[0]}: "
+                           f"{describe(exc)}") from None  # fmt: skip
+    finally:
+        raw.close()
+
+
+def corrupt_layer_errors() -> tuple[type[BaseException], ...]:
+    """What tarfile and the decompressors raise on a layer that is not whole."""
+    import tarfile
+
+    import zstandard
+    from isal import isal_zlib
+
+    return (tarfile.TarError, EOFError, OSError, zlib.error, isal_zlib.error,
+            zstandard.ZstdError)  # fmt: skip
+
+
+class MergeIndex:
+    """The merge's index: an SQLite database in a locked temporary file in the layout's
+    top directory (the stale-temporary sweep removes it after a SIGKILL)."""
+
+    def __init__(self, blobs_fd: int) -> None:
+        import sqlite3
+
+        self.top_fd = os.open("../..", DIR_FLAGS, dir_fd=blobs_fd)
+        self.name = temp_name("merge-index")
+        self.fd = -1
+        try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            self.fd = os.open(self.name, flags, 0o600, dir_fd=self.top_fd)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)  # a live temporary: see is_stale
+            self.db = sqlite3.connect(f"/proc/self/fd/{self.top_fd}/{self.name}",
+                                      isolation_level=None)  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
+        for pragma in ("journal_mode = OFF", "synchronous = OFF", "locking_mode = EXCLUSIVE",
+                       "temp_store = MEMORY", f"cache_size = -{MERGE_CACHE_KIB}",
+                       "mmap_size = 0"):  # fmt: skip
+            self.db.execute("PRAGMA " + pragma)
+        self.db.executescript(INDEX_SCHEMA)
+        self.db.execute("BEGIN")
+
+    def close(self) -> None:
+        db = getattr(self, "db", None)
+        if db is not None:
+            db.close()
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.name, dir_fd=self.top_fd)
+            os.close(self.fd)
+        os.close(self.top_fd)
+
+    def one(self, sql: str, *args: object) -> tuple | None:
+        return self.db.execute(sql, args).fetchone()
+
+    def delete_under(self, table: str, key: bytes, layer: int | None = None) -> None:
+        """Drop the subtree under `key` (the root: b""), or only what layers before
+        `layer` wrote there."""
+        if key:
+            sql, args = "key > ? AND key < ?", [key + b"\0", key + b"\1"]
+        else:
+            sql, args = "key > ?", [b""]
+        if layer is not None:
+            sql, args = sql + " AND layer < ?", [*args, layer]
+        self.db.execute(f"DELETE FROM {table} WHERE {sql}", args)
+
+
+def merge_layers(blobs_fd: int, merged: list[dict], below: list[dict], out_fd: int,
+                 archive: Archive, stats: Stats) -> dict:  # fmt: skip
+    """Write to out_fd one layer equal to the `merged` layers applied in order on top
+    of the `below` ones (descriptors, oldest first, of blobs in blobs_fd), compressed
+    as archive says; its descriptor (with diff_id) in stats.descriptor, and returned."""
+    index = MergeIndex(blobs_fd)
+    try:
+        for n, descriptor in enumerate(below):
+            with layer_members(blobs_fd, descriptor) as members:
+                for member, _ in members:
+                    apply_below(index, member, n)
+        for n, descriptor in enumerate(merged):
+            with layer_members(blobs_fd, descriptor) as members:
+                for member, _ in members:
+                    stats.current = member.name
+                    apply_merged(index, member, n, descriptor["digest"])
+        stats.current = None
+        index.db.execute(
+            "INSERT INTO holder SELECT ino, MIN(key) FROM node WHERE ino IS NOT NULL GROUP BY ino"
+        )
+        sink = TarSink(out_fd, archive, hashing=True)
+        write_tree(index, sink, stats)
+        write_file_data(index, sink, blobs_fd, merged, stats)
+        write_file_links(index, sink, stats)
+        stats.current = None
+        sink.finish()
+    finally:
+        index.close()
+    stats.archive_bytes = sink.out.size
+    stats.descriptor = layer_descriptor(sink, archive.compressor or "gzip")
+    return stats.descriptor
+
+
+def whiteout_target(key: bytes) -> tuple[str, bytes] | None:
+    """For a whiteout member: ("opaque", its directory's key), ("whiteout", the key it
+    deletes), or ("aufs", b"") for aufs's own files, no change.  None for any other."""
+    parent, _, name = key.rpartition(b"\0")
+    if not name.startswith(WHITEOUT_PREFIX):
+        return None
+    if name == OPAQUE_WHITEOUT:
+        return "opaque", parent
+    if name.startswith(WHITEOUT_META_PREFIX):
+        return "aufs", b""
+    return "whiteout", (parent + b"\0" if parent else b"") + name[len(WHITEOUT_PREFIX) :]
+
+
+def apply_below(index: MergeIndex, member: Member, layer: int) -> None:
+    """A member of a layer below the merged ones: only which paths exist is kept."""
+    whiteout = whiteout_target(member.key)
+    if whiteout is not None:
+        what, target = whiteout
+        if what == "opaque":
+            index.delete_under("below", target, layer)
+        elif what == "whiteout":
+            index.db.execute("DELETE FROM below WHERE key = ?", (target,))
+            index.delete_under("below", target)
+        return
+    is_dir = stat.S_ISDIR(member.mode)
+    if not is_dir:
+        index.delete_under("below", member.key)
+    index.db.execute("INSERT OR REPLACE INTO below VALUES (?, ?, ?)", (member.key, layer, is_dir))
+
+
+def apply_merged(index: MergeIndex, member: Member, layer: int, digest: str) -> None:
+    """A member of a merged layer: the newest state of its path, kept whole."""
+    key = member.key
+    whiteout = whiteout_target(key)
+    if whiteout is not None:
+        what, target = whiteout
+        if what == "opaque":  # what earlier layers have under it is hidden
+            index.delete_under("node", target, layer)
+            index.db.execute("UPDATE node SET wiped = 1 WHERE key = ? AND kind = ?",
+                             (target, DIRECTORY))  # fmt: skip
+        elif what == "whiteout":
+            replace_path(index, target, layer, TOMBSTONE, None, 0, marshal.dumps(member.meta))
+        return
+    if stat.S_ISDIR(member.mode):
+        old = index.one("SELECT kind, wiped FROM node WHERE key = ?", key)
+        wiped = 0 if old is None else old[1] if old[0] == DIRECTORY else 1
+        index.db.execute("INSERT OR REPLACE INTO node VALUES (?, ?, ?, NULL, ?, ?)",
+                         (key, layer, DIRECTORY, wiped, marshal.dumps(member.meta)))  # fmt: skip
+        return
+    if member.link is not None:
+        ino = link_target(index, member, digest)
+        index.db.execute("UPDATE inode SET meta = ? WHERE id = ?",
+                         (marshal.dumps(link_meta(index, ino, member.meta)), ino))  # fmt: skip
+    else:
+        ino = index.db.execute(
+            "INSERT INTO inode (layer, ordinal, regular, meta) VALUES (?, ?, ?, ?)",
+            (layer, member.ordinal, stat.S_ISREG(member.mode), marshal.dumps(member.meta)),
+        ).lastrowid
+    replace_path(index, key, layer, NOT_DIRECTORY, ino, 0, None)
+
+
+def replace_path(index: MergeIndex, key: bytes, layer: int, kind: int, ino: int | None,
+                 wiped: int, meta: bytes | None) -> None:  # fmt: skip
+    """A non-directory or a tombstone at `key`: a directory there goes, with its subtree."""
+    old = index.one("SELECT kind FROM node WHERE key = ?", key)
+    if old is None or old[0] == DIRECTORY:
+        index.delete_under("node", key)
+    index.db.execute("INSERT OR REPLACE INTO node VALUES (?, ?, ?, ?, ?, ?)",
+                     (key, layer, kind, ino, wiped, meta))  # fmt: skip
+
+
+def link_target(index: MergeIndex, member: Member, digest: str) -> int:
+    row = index.one("SELECT kind, ino FROM node WHERE key = ?", member.link)
+    if row is None or row[0] != NOT_DIRECTORY or member.link == member.key:
+        raise ArchiveError(
+            f"layer {digest}: member {shown_name(member.name)} is a hardlink to "
+            f"{shown_name(key_path(member.link))}, which no merged layer has at that point"
+        )
+    return row[1]
+
+
+def link_meta(index: MergeIndex, ino: int, meta: tuple) -> tuple:
+    """A link member's header sets the inode's owner, mode, times and xattrs (as
+    containers/storage applies it); the type, size, target and device stay."""
+    old = marshal.loads(index.one("SELECT meta FROM inode WHERE id = ?", ino)[0])
+    mode = stat.S_IFMT(old[0]) | stat.S_IMODE(meta[0])
+    return (mode, *meta[1:6], *old[6:10], meta[10])
+
+
+def write_tree(index: MergeIndex, sink: TarSink, stats: Stats) -> None:
+    """Directories, whiteouts, opaque markers, and the non-regular inodes, in path
+    order.  A whiteout only where a layer below has the path, an opaque marker only
+    where one has the directory, and neither under a directory already opaque."""
+    rows = index.db.execute(
+        "SELECT n.key, n.kind, n.wiped, n.meta, i.regular, i.meta, h.key FROM node n"
+        " LEFT JOIN inode i ON i.id = n.ino LEFT JOIN holder h ON h.ino = n.ino ORDER BY n.key"
+    )
+    hiding: list[bytes] = []  # the opaque directories (as key prefixes) the walk is in
+    for key, kind, wiped, meta, regular, inode_meta, holder in rows:
+        stats.current = key_path(key)
+        while hiding and not key.startswith(hiding[-1]):
+            hiding.pop()
+        if kind == TOMBSTONE:
+            if not hiding and index.one("SELECT 1 FROM below WHERE key = ?", key):
+                parent, _, name = key.rpartition(b"\0")
+                whiteout = (parent + b"\0" if parent else b"") + WHITEOUT_PREFIX + name
+                write_member(sink, whiteout, whiteout_meta(marshal.loads(meta)), None, stats)
+        elif kind == DIRECTORY:
+            meta = marshal.loads(meta)
+            write_member(sink, key, meta, None, stats)
+            if wiped and not hiding and index.one("SELECT 1 FROM below WHERE key = ? AND dir",
+                                                  key):  # fmt: skip
+                opaque = (key + b"\0" if key else b"") + OPAQUE_WHITEOUT
+                write_member(sink, opaque, whiteout_meta(meta), None, stats)
+                hiding.append(key + b"\0" if key else b"")
+        elif not regular:
+            write_member(sink, key, marshal.loads(inode_meta), None if holder == key else holder,
+                         stats)  # fmt: skip
+
+
+def whiteout_meta(meta: tuple) -> tuple:
+    """An empty regular file with the owner and mtime of the entry it stands for."""
+    return (stat.S_IFREG | 0o644, *meta[1:6], 0, b"", 0, 0, ())
+
+
+def write_member(sink: TarSink, key: bytes, meta: tuple, link_to: bytes | None,
+                 stats: Stats) -> None:  # fmt: skip
+    mode, uid, gid, uname, gname, mtime_ns, size, linkname, devmajor, devminor, records = meta
+    path = key_path(key)
+    name = b"./" + path + b"/" if stat.S_ISDIR(mode) and path else b"./" + path
+    if link_to is not None:
+        typeflag, linkname, size = HARDLINK, b"./" + key_path(link_to), 0
+    else:
+        typeflag = TYPEFLAGS[stat.S_IFMT(mode)]
+    more = [pax_record(k, v) for k, v in records]
+    sink.write(header_blocks(name, mode, uid, gid, size, mtime_ns, typeflag, linkname, uname,
+                             gname, devmajor, devminor, [], more))  # fmt: skip
+    stats.entries += 1
+
+
+def write_file_data(index: MergeIndex, sink: TarSink, blobs_fd: int, merged: list[dict],
+                    stats: Stats) -> None:  # fmt: skip
+    """Each surviving regular inode once, under its first name, its data read from the
+    member that made it: the merged layers read again, oldest first."""
+    wanted = index.db.execute(
+        "SELECT i.layer, i.ordinal, i.meta, h.key FROM holder h JOIN inode i ON i.id = h.ino"
+        " WHERE i.regular ORDER BY h.ino"
+    )
+    next_one = wanted.fetchone()
+    for n, descriptor in enumerate(merged):
+        if next_one is None:
+            break
+        if next_one[0] != n:
+            continue
+        with layer_members(blobs_fd, descriptor, whole=False) as members:
+            for member, tar in members:
+                if next_one is None or next_one[0] != n:
+                    break
+                if member.ordinal != next_one[1]:
+                    continue
+                _, _, meta, key = next_one
+                stats.current = key_path(key)
+                meta = marshal.loads(meta)
+                write_member(sink, key, meta, None, stats)
+                copy_member_data(tar, member, meta[6], sink, descriptor["digest"])
+                stats.bytes += meta[6]
+                next_one = wanted.fetchone()
+
+
+def copy_member_data(tar: object, member: Member, size: int, sink: TarSink, digest: str) -> None:
+    data = tar.extractfile(member.info)
+    left = size
+    while left:
+        chunk = data.read(min(left, READ_CHUNK))
+        if not chunk:
+            raise ArchiveError(f"layer {digest} is truncated in member {shown_name(member.name)}")
+        sink.write(chunk)
+        left -= len(chunk)
+    if size % BLOCK:
+        sink.write(bytes(-size % BLOCK))
+
+
+def write_file_links(index: MergeIndex, sink: TarSink, stats: Stats) -> None:
+    """The other names of each regular inode, as link members to its first."""
+    rows = index.db.execute(
+        "SELECT n.key, h.key, i.meta FROM node n JOIN holder h ON h.ino = n.ino"
+        " JOIN inode i ON i.id = n.ino WHERE i.regular AND n.key != h.key ORDER BY n.key"
+    )
+    for key, holder, meta in rows:
+        stats.current = key_path(key)
+        write_member(sink, key, marshal.loads(meta), holder, stats)
 
 
 # ---------------------------------------------------------------------------
