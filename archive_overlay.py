@@ -2211,6 +2211,21 @@ class HashingReader:
         self.file.close()
 
 
+class CountingStream:
+    """A layer's tar stream, counting what it gives and noting its end."""
+
+    def __init__(self, stream: BinaryIO | HashingReader) -> None:
+        self.stream = stream
+        self.size = 0
+        self.eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.size += len(data)
+        self.eof = self.eof or not data
+        return data
+
+
 def open_layer(blobs_fd: int, descriptor: dict) -> HashingReader:
     digest = descriptor.get("digest")
     if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
@@ -2252,14 +2267,20 @@ def layer_members(blobs_fd: int, descriptor: dict, whole: bool = True) -> Iterat
     where = ["its start"]
 
     def members() -> Iterator[tuple[Member, object]]:
-        stream = decompressed(raw, LAYER_COMPRESSION[descriptor["mediaType"]])
+        stream = CountingStream(decompressed(raw, LAYER_COMPRESSION[descriptor["mediaType"]]))
         tar = tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape")  # noqa: SIM115
-        ordinal = 0
+        ordinal, end = 0, 0
         while True:
-            info = tar.next()
+            try:
+                info = tar.next()
+            except tarfile.ReadError:
+                if stream.eof and stream.size == end:
+                    break  # umoci 0.4.7's layers end after the last data: no padding, no trailer
+                raise
             tar.members.clear()  # a stream's TarFile keeps every header otherwise
             if info is None:
                 break
+            end = info.offset_data + (info.size if info.isreg() else 0)
             name = os.fsencode(info.name)
             where[0] = f"member {shown_name(name)}"
             mode = MEMBER_TYPES.get(info.type)
