@@ -2610,7 +2610,6 @@ CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE, INDEX_FILE, LOCK_FILE = "oci-layout", "index.json", "index.lock"
-BLOBS_LOCK_FILE = "blobs.lock"
 BLOB_TMP = "blob"  # blobs' temporaries: .blob.archive_overlay-tmp-<pid>-<random> in the layout
 MAX_JSON_BLOB = 4 << 20  # image-spec: registries may refuse manifests over 4 MiB
 # image-spec annotations.md: ref ::= component ("/" component)*, component ::=
@@ -2654,24 +2653,31 @@ class Layout:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def open_lock(self, name: str) -> int:
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """An exclusive fcntl (POSIX record) lock on index.lock, as podman's stores take."""
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            return os.open(name, flags, 0o644, dir_fd=self.fd)
+            fd = os.open(LOCK_FILE, flags, 0o644, dir_fd=self.fd)
         except OSError as exc:
-            exc.filename = posixpath.join(self.path, name)
+            exc.filename = posixpath.join(self.path, LOCK_FILE)
             raise ArchiveError(f"cannot open the layout's lock: {describe(exc)}") from None
-
-    @contextlib.contextmanager
-    def locked(self, name: str = LOCK_FILE, how: int = fcntl.LOCK_EX) -> Iterator[None]:
-        """An fcntl (POSIX record) lock on index.lock (exclusive), as podman's stores take,
-        or on blobs.lock (see Collecting a layout)."""
-        fd = self.open_lock(name)
         try:
-            fcntl.lockf(fd, how)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # closing drops the lock
+
+    @contextlib.contextmanager
+    def writing_blobs(self) -> Iterator[None]:
+        """A shared flock on blobs/sha256 from before the base is read until index.json
+        names what the commit wrote: a collector (exclusive) never runs in between."""
+        fd = self.open_blobs()
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def read_file(self, name: str) -> bytes | None:
         try:
@@ -2699,7 +2705,7 @@ class Layout:
 
     def is_empty(self) -> bool:
         """Nothing but what a first commit may have left: lock, blobs, oci-layout, temporaries."""
-        made = (LOCK_FILE, BLOBS_LOCK_FILE, "blobs", LAYOUT_FILE)
+        made = (LOCK_FILE, "blobs", LAYOUT_FILE)
         return all(n in made or TMP_MARK in n for n in os.listdir(self.fd))
 
     def not_a_layout(self, why: str) -> ArchiveError:
@@ -2955,7 +2961,7 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
                    info: RunInfo, excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
     """Layer, config, manifest, each fsync'd under its digest; only then index.json.
 
-    From its first blob to index.json, the commit holds blobs.lock shared, so that
+    From its base to index.json, the commit holds blobs/sha256 locked shared, so that
     no collector removes what it wrote or stacks on; then, with image-keep, it collects.
     """
     if not archive.image_tag:
@@ -2968,7 +2974,7 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
     max_layers = archive.max_layers or DEFAULT_MAX_LAYERS
     try:
         layout.ensure_layout(create)
-        with layout.locked(BLOBS_LOCK_FILE, fcntl.LOCK_SH):
+        with layout.writing_blobs():
             base = find_base(layout, layout.read_index(), archive)  # all checked before writing
             check_room(base, max_layers)
             layout.put_layer(archive, walk(upper, excluded), upper, stats)
@@ -3142,11 +3148,11 @@ def oldest_empty_stretch(history: list) -> list[int]:
 # tag's chain (the tagged manifest and those it came from, through
 # org.opencontainers.image.base.digest) only the N newest stay in index.json,
 # and never one that carries a ref name.  Then every blob that no descriptor
-# in index.json reaches is removed (mark and sweep).  Commits hold blobs.lock
-# shared from before they read their base until index.json names what they
-# wrote; the collector takes it exclusive, without waiting (when a commit is
-# in flight, the next commit collects), so it never removes a running
-# commit's blobs.  index.json is rewritten before anything is deleted.
+# in index.json reaches is removed (mark and sweep).  Commits hold a shared
+# flock(2) on blobs/sha256 from before they read their base until index.json
+# names what they wrote; the collector takes it exclusive, without waiting
+# (when a commit is in flight, the next commit collects), so it never removes
+# a running commit's blobs.  index.json is rewritten before anything is deleted.
 # ---------------------------------------------------------------------------
 
 BASE_DIGEST = "org.opencontainers.image.base.digest"
@@ -3175,22 +3181,20 @@ def drop_old_revisions(layout: Layout, index: dict, tip: str, keep: int) -> None
 
 def collect(layout: Layout, archive: str) -> None:
     """Remove every blob that index.json does not reach, unless a commit is in flight."""
-    fd = layout.open_lock(BLOBS_LOCK_FILE)
+    blobs_fd = layout.open_blobs()
     try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            log.info("collection left to the next commit: another commit is writing to the "
-                     "layout", archive=archive, layout=layout.path)  # fmt: skip
-            return
+        fcntl.flock(blobs_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("collection left to the next commit: another commit is writing to the "
+                 "layout", archive=archive, layout=layout.path)  # fmt: skip
+        return
+    try:
         with layout.locked():
             reached = reached_blobs(layout, layout.read_index())
             if reached is not None:
                 sweep(layout, reached, archive)
     finally:
-        os.close(fd)
+        fcntl.flock(blobs_fd, fcntl.LOCK_UN)
 
 
 def reached_blobs(layout: Layout, index: dict) -> set[str] | None:

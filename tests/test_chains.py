@@ -10,6 +10,7 @@ every step of a collection.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -196,7 +197,7 @@ def waiting_in_lock(pid: int, timeout: float = 30) -> None:
 def test_a_collection_never_takes_a_running_commits_blobs(hook_bin, make_overlay, tmp_path):
     """Commit A writes its blobs, then waits for index.lock (held here) and is stopped
     there (SIGSTOP). Commit B, with image-keep=1, commits and would collect: A's blobs
-    are reached by nothing yet, but A holds blobs.lock, so B leaves them. A resumed:
+    are reached by nothing yet, but A holds blobs/sha256 locked, so B leaves them. A resumed:
     its revision is whole. umoci gc, which takes no lock, would have removed them."""
     ovl = small_tree(make_overlay())
     layout = tmp_path / "layout"
@@ -606,3 +607,143 @@ def test_300_runs_each_mounting_the_last_revision(hook_bin, tmp_path):
     history = json.loads(run_tool(["skopeo", "inspect", "--config",
                                    f"oci:{layout}:data"]).stdout)["history"]  # fmt: skip
     assert sum(1 for h in history if h.get("comment", "").startswith("container ")) == 300
+
+
+def test_the_default_keeps_a_long_chain_within_every_engines_limit(hook_bin, loop_images, tmp_path):
+    """140 commits with the default image-max-layers, more than podman 4.3 (128), Docker
+    (125) or any engine mounts: the revision has at most 100 layers, podman runs it as a
+    container's own image and mounts it as an image, and buildah commits on top of it."""
+    layout = tmp_path / "layout"
+    run_tool(["skopeo", "copy", "--quiet", f"oci:{loop_images / 'img'}:bb", f"oci:{layout}:app"])
+    for n in range(1, 141):
+        upper = tmp_path / "upper"
+        shutil.rmtree(upper, ignore_errors=True)
+        upper.mkdir()
+        (upper / "count").write_text(f"{n}\n")
+        mount = {"destination": "/data", "type": "overlay", "source": "overlay",
+                 "options": ["lowerdir=/nonexistent", f"upperdir={upper}"]}  # fmt: skip
+        annotations = archive_annotations("root", mount_point="/data", archive_to=str(layout),
+                                          method="oci-image", image_tag="app")  # fmt: skip
+        run = hook(hook_bin, state_json(write_bundle(tmp_path / "bundle", [mount], annotations)))
+        assert run.returncode == 0, run.log
+        manifest = check_revision(layout, written_manifest(run, "root"), 100, n)
+    assert len(manifest["layers"]) <= 100
+    podman = Podman(loop_images / "dl")
+    try:
+        podman.setup()
+        podman.load(f"oci:{layout}:app", "localhost/long:latest")
+        out = podman("run", "--rm", "--network", "none", "localhost/long:latest", "cat", "/count")
+        assert out.stdout == "140\n", out
+        mount = "type=image,source=localhost/long:latest,destination=/data"
+        out = podman("run", "--rm", "--network", "none", "--mount", mount,
+                     "localhost/long:latest", "cat", "/data/count")  # fmt: skip
+        assert out.stdout == "140\n", out
+        env = podman.env()
+        container = run_tool(["buildah", "from", "--pull-never", "localhost/long:latest"],
+                             env=env).stdout.strip()  # fmt: skip
+        run_tool(["buildah", "commit", container, "localhost/on-top:latest"], env=env)
+    finally:
+        podman.teardown()
+
+
+def test_a_base_with_too_many_layers_of_its_own_fails_before_writing(hook_bin, make_overlay,
+                                                                      tmp_path):  # fmt: skip
+    """image-max-layers 3 on a base of 3 layers (none the hook's): the archive fails naming
+    the limit and the base, and the layout is unchanged, file for file."""
+    layout = tmp_path / "layout"
+    for i in range(3):
+        seed = tmp_path / f"seed{i}"
+        seed.mkdir()
+        (seed / f"layer{i}").write_text(f"{i}\n")
+        if i == 0:
+            build_oci_image(layout, "data", seed)
+        else:
+            run_tool(["umoci", "insert", "--image", f"{layout}:data", str(seed), "/"])
+    ovl = small_tree(make_overlay())
+    snapshot_before = {p: p.read_bytes() for p in layout.rglob("*") if p.is_file()}
+    state = image_state(tmp_path, ovl, {"data": image_args(layout, image_max_layers="3")})
+    run = hook(hook_bin, state)
+    assert run.returncode == 1, run.log
+    line = run.error_for("data")
+    assert "image-max-layers 3" in line and "base data has 3 layers" in line, line
+    assert {p: p.read_bytes() for p in layout.rglob("*") if p.is_file()} == snapshot_before
+    state = image_state(tmp_path, ovl, {"data": image_args(layout, image_max_layers="4")})
+    assert hook(hook_bin, state).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [("1", "2 or more"), ("0", "2 or more"), ("x", "2 or more"), ("", "2 or more")],
+)
+def test_bad_image_max_layers_fails_that_archive(hook_bin, make_overlay, tmp_path, value, words):
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    state = image_state(tmp_path, ovl, {"data": image_args(layout, image_max_layers=value)})
+    run = hook(hook_bin, state)
+    assert run.returncode == 1, run.log
+    line = run.error_for("data")
+    assert "image-max-layers" in line and words in line and "Traceback" not in run.log, line
+    assert not layout.exists()
+
+
+def test_image_max_layers_on_another_method_fails_that_archive(hook_bin, make_overlay, tmp_path):
+    ovl = small_tree(make_overlay())
+    out = tmp_path / "out.tar.gz"
+    state = image_state(tmp_path, ovl, {"data": {"archive_to": str(out), "method": "oci-layer",
+                                                 "image_max_layers": "5"}})  # fmt: skip
+    run = hook(hook_bin, state)
+    assert run.returncode == 1, run.log
+    assert "image-max-layers is only for oci-image" in run.error_for("data")
+    assert not out.exists()
+
+
+def rewrite_revision(layout: Path, tag: str, change) -> None:
+    """The tagged revision with its config changed by `change`: new blobs, index.json."""
+    index = json.loads((layout / "index.json").read_text())
+    descriptor = next(d for d in index["manifests"] if d.get("annotations", {}).get(
+        "org.opencontainers.image.ref.name") == tag)  # fmt: skip
+    manifest = read_json_blob(layout, descriptor["digest"])
+    config = read_json_blob(layout, manifest["config"]["digest"])
+    change(config)
+
+    def put(value: dict) -> dict:
+        data = json.dumps(value).encode()
+        digest = hashlib.sha256(data).hexdigest()
+        (layout / "blobs" / "sha256" / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    manifest["config"].update(put(config))
+    descriptor.update(put(manifest))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def test_history_of_tens_of_thousands_of_runs_is_compacted(hook_bin, make_overlay, tmp_path):
+    """A revision whose history lists 20,000 merged runs (a config of 3 MiB): the
+    next commit compacts the oldest entries into ones that count them, so the config stays
+    under 1 MiB, skopeo and umoci read it, and the runs are all still counted."""
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    commit(hook_bin, tmp_path, ovl, layout, container="first")
+
+    def many_runs(config: dict) -> None:
+        runs = [{"created": f"2026-01-01T00:00:{i % 60:02}Z", "created_by": "archive_overlay 4.0.0",
+                 "comment": f"container {i:064x} archive data", "empty_layer": True}
+                for i in range(20_000)]  # fmt: skip
+        config["history"] = runs + config["history"]
+
+    rewrite_revision(layout, "data", many_runs)
+    _, run = commit(hook_bin, tmp_path, ovl, layout, container="next")
+    manifest = read_json_blob(layout, written_manifest(run))
+    config_blob = blob(layout, manifest["config"]["digest"])
+    assert config_blob.stat().st_size < 1 << 20
+    history = json.loads(config_blob.read_text())["history"]
+    counted = 0
+    for entry in history:
+        if entry.get("created_by", "").endswith("(compacted history)"):
+            counted += int(entry["comment"].split(" ", 1)[0])
+        elif entry.get("comment", "").startswith("container "):
+            counted += 1
+    assert counted == 20_002, counted
+    assert len([h for h in history if not h.get("empty_layer")]) == len(manifest["layers"])
+    run_tool(["skopeo", "inspect", "--config", f"oci:{layout}:data"])
+    run_tool(["umoci", "unpack", "--image", f"{layout}:data", str(tmp_path / "unpacked")])
