@@ -3437,6 +3437,11 @@ named by annotations {ANNOTATION_PREFIX}<NAME>.<arg>:
   image-tag          oci-image: the ref name the new revision gets (required)
   image-base         oci-image: the revision it goes on, a ref name or sha256
                      digest (default: what image-tag names now)
+  image-max-layers   oci-image: at most this many layers in a revision (default
+                     100); past it, the older half of the hook's own layers merge
+  image-keep         oci-image: keep only the N newest revisions of the tag's chain
+                     in index.json, and remove the blobs nothing reaches (default:
+                     keep everything)
 \b
 mount-point / means the container's root filesystem (config.json root.path).
 archive-to, success and image-tag may hold {{id}} (the container's id), {{name}}
