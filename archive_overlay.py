@@ -2186,6 +2186,23 @@ class HashingReader:
         self.file.close()
 
 
+class PaddedTar:
+    """A layer's tar as Go's archive/tar reads it: the stream may end right after the
+    last member's data, without its padding or the end-of-archive blocks (umoci 0.4.7
+    writes such layers); tarfile wants the padding, so it gets zeros up to the block."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.offset = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if not data:
+            data = bytes(min(-self.offset % BLOCK, n if n >= 0 else BLOCK))
+        self.offset += len(data)
+        return data
+
+
 def open_layer(blobs_fd: int, descriptor: dict) -> HashingReader:
     digest = descriptor.get("digest")
     if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
@@ -2227,7 +2244,7 @@ def layer_members(blobs_fd: int, descriptor: dict, whole: bool = True) -> Iterat
     where = ["its start"]
 
     def members() -> Iterator[tuple[Member, object]]:
-        stream = decompressed(raw, LAYER_COMPRESSION[descriptor["mediaType"]])
+        stream = PaddedTar(decompressed(raw, LAYER_COMPRESSION[descriptor["mediaType"]]))
         tar = tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape")  # noqa: SIM115
         ordinal = 0
         while True:
