@@ -16,7 +16,6 @@ has the path, an opaque marker right after its directory).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import archive_annotations, requires_root, state_json, write_bundle
-from engines import Podman, build_oci_image, remove_tree, require, run, scratch_dir
+from engines import Podman, build_oci_image, remove_tree, run, scratch_dir
 from test_oci_layer import require_tools
 
 pytestmark = requires_root
@@ -293,7 +292,7 @@ rm keep/k
 
 def test_dir_deleted_and_recreated_is_opaque_over_what_is_below(chain, podman) -> None:
     chain.commit("""
-rm -r redo; mkdir redo; echo fresh > redo/fresh
+rm -r redo; mkdir redo; echo fresh > redo/fresh; echo same name > redo/old
 rm -r redo2
 echo n > new-in-keep; mkdir keep/sub; echo s > keep/sub/s
 """)
@@ -301,13 +300,14 @@ echo n > new-in-keep; mkdir keep/sub; echo s > keep/sub/s
     # had nothing of redo2 below to hide), the merged layer needs one.
     chain.commit("""
 mkdir redo2; echo again > redo2/again
-echo more > redo/more
+echo more > redo/more; rm redo/old
 rm -r keep/sub; mkdir keep/sub; echo t > keep/sub/t
 """)
     view, names = squashed_equals_chain(chain, podman)
     assert "redo/old" not in view.entries and "redo/sub" not in view.entries
     assert "redo2/old" not in view.entries and "redo2/again" in view.entries
     assert "redo/.wh..wh..opq" in names and "redo2/.wh..wh..opq" in names, names
+    assert "redo/.wh.old" not in names, f"a whiteout under an opaque directory: {names}"
     # keep/sub was made within the merged runs: nothing below to hide.
     assert "keep/sub/.wh..wh..opq" not in names and "keep/.wh..wh..opq" not in names, names
 
@@ -339,7 +339,7 @@ echo rewritten > g2
 rm d1
 ln early late
 """)
-    view, names = squashed_equals_chain(chain, podman)
+    view, _names = squashed_equals_chain(chain, podman)
     # go-containerregistry #2002: g2 was written alone; g1 and g3 keep the data together.
     assert frozenset({"g1", "g3"}) in view.links and "g2" not in {n for g in view.links for n in g}
     assert view.entries["g1"][4] != view.entries["g2"][4]
