@@ -145,7 +145,7 @@ class Chain:
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o", ",".join(options),
                         str(run_dir / "m")], cwd=self.root, check=True)  # fmt: skip
         try:
-            run(["sh", "-c", "set -e\ncd \"$1\"\n" + script, "sh", str(run_dir / "m")])
+            run(["sh", "-c", 'set -e\ncd "$1"\n' + script, "sh", str(run_dir / "m")])
             annotations = archive_annotations(
                 "data", mount_point="/data", archive_to=str(self.layout), method="oci-image",
                 image_tag=f"r{n}", image_base=self.tags[-1],
@@ -391,3 +391,142 @@ chown -h 5:6 dangling
     assert view.entries["chr"][0].startswith("c") and view.entries["chr"][4] == "1:3"
     assert view.entries["blk"][0].startswith("b") and view.entries["blk"][4] == "7:0"
     assert view.entries["fifo"][4] == "1:7" and view.entries["gone-dev"][0].startswith("p")
+
+
+# --- long chains, many files: the same tree, in bounded memory -------------------------------
+
+MAX_RSS_KIB = 64 << 10
+
+
+def long_chain_run(i: int) -> str:
+    """Run i of a long chain: every kind of change, touching what earlier runs made."""
+    return f"""
+echo {i} > f{i}; mkdir -p d{i % 7}; echo {i} > d{i % 7}/x{i}
+rm -f f{i - 3} d{(i - 2) % 7}/x{i - 2}
+echo {i} >> log; touch -d '@{1_000_000_000 + i}.{i:09d}' log
+rm -rf churn; mkdir churn; echo {i} > churn/c{i}
+ln -f f{i} link{i % 3}
+if [ -e group ]; then echo {i} > group; else echo 0 > group; ln group group-2; fi
+chmod {600 + i % 2 * 44} log; chown {i}:{i + 1} f{i}; setfattr -n user.run -v {i} d{i % 7}
+"""
+
+
+def test_long_chain_squashes_to_the_same_tree_in_bounded_memory(chain, podman) -> None:
+    for i in range(1, 61):
+        chain.commit(long_chain_run(i))
+    result = chain.squash()
+    assert result["maxrss_kib"] <= MAX_RSS_KIB, f"peak RSS {result['maxrss_kib']} KiB"
+    names = check_members(chain.members(result["descriptor"]))
+    view = chain.umoci_view(chain.tags[-1])
+    assert view.entries["log"][2] == 1_000_000_060_000000060 and "f57" not in view.entries
+    assert_same(view, chain.umoci_view("squashed"), "umoci unpack")
+    assert_same(podman_view(podman, chain.layout, chain.tags[-1]),
+                podman_view(podman, chain.layout, "squashed"), "podman image mount")  # fmt: skip
+    assert "churn/.wh..wh..opq" not in names  # churn was never below
+    again = chain.squash("squashed-again")
+    assert again["descriptor"] == result["descriptor"], "the same chain, another layer"
+    check_no_temporaries(chain.layout)
+
+
+def test_a_merged_layer_of_many_files(chain, podman) -> None:
+    chain.commit("mkdir many; cd many; seq 1 30000 | sed 's/^/file-/' | xargs touch")
+    chain.commit("cd many; seq 1 2 30000 | sed 's/^/file-/' | xargs rm; echo data > file-2")
+    chain.commit("rm -r base-dir; cd many; seq 2 4 30000 | sed 's/^/file-/' | xargs chmod 600")
+    result = chain.squash()
+    assert result["maxrss_kib"] <= MAX_RSS_KIB, f"peak RSS {result['maxrss_kib']} KiB"
+    assert result["entries"] == 1 + 1 + 1 + 15000, result  # root, many/, .wh.base-dir, files
+    view = chain.umoci_view(chain.tags[-1])
+    assert len([p for p in view.entries if p.startswith("many/")]) == 15000
+    assert_same(view, chain.umoci_view("squashed"), "umoci unpack")
+    check_no_temporaries(chain.layout)
+
+
+def check_no_temporaries(layout: Path) -> None:
+    """Nothing left but the layout's files; nothing in blobs/sha256 but digests."""
+    left = [p.name for p in layout.iterdir() if p.name not in ("blobs", "index.json",
+                                                                "oci-layout", "index.lock")]  # fmt: skip
+    assert left == [], f"left in the layout: {left}"
+    blobs = [p.name for p in (layout / "blobs" / "sha256").iterdir()]
+    assert all(len(n) == 64 and set(n) <= set("0123456789abcdef") for n in blobs), blobs
+
+
+# --- bad layers: one error naming the layer and the entry ------------------------------------------
+
+
+def tar_layer(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def member(name: str, data: bytes = b"", link: str | None = None) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    if link is not None:
+        info.type, info.linkname = tarfile.LNKTYPE, link
+    return info, data
+
+
+def add_blob_layer(chain: Chain, blob: bytes, media_type: str, diff_id: str) -> dict:
+    """A revision `bad` = the data image + this blob as its top layer (written as is)."""
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    (chain.layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).write_bytes(blob)
+    index = json.loads((chain.layout / "index.json").read_text())
+    entry = next(m for m in index["manifests"] if m["annotations"][REF_NAME] == "base")
+    blobs = chain.layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / entry["digest"].removeprefix("sha256:")).read_text())
+    manifest["layers"].append({"mediaType": media_type, "digest": digest, "size": len(blob)})
+    data = json.dumps(manifest).encode()
+    (blobs / hashlib.sha256(data).hexdigest()).write_bytes(data)
+    index["manifests"].append({"mediaType": entry["mediaType"], "size": len(data),
+                               "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+                               "annotations": {REF_NAME: "bad"}})  # fmt: skip
+    (chain.layout / "index.json").write_text(json.dumps(index))
+    chain.tags.append("bad")
+    return {"digest": digest, "diff_id": diff_id}
+
+
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def gzipped(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, mtime=0)
+
+
+@pytest.mark.parametrize("case", ["truncated", "corrupt", "digest", "hardlink", "media-type"])
+def test_bad_layer_fails_with_one_line_naming_layer_and_entry(chain, case) -> None:
+    files = [member("./", b""), member("./a", b"a" * 100_000), member("./b", b"b" * 10)]
+    files[0][0].type = tarfile.DIRTYPE
+    tar = tar_layer(files + [member("./c", link="./nowhere" if case == "hardlink" else "./a")])
+    blob, media_type = gzipped(tar), GZIP_LAYER
+    if case == "truncated":
+        blob = blob[: len(blob) // 2]
+    elif case == "corrupt":
+        blob = blob[:200] + bytes(b ^ 0x55 for b in blob[200:260]) + blob[260:]
+    elif case == "media-type":
+        media_type = "application/vnd.oci.image.layer.v1.tar+bzip2"
+    layer = add_blob_layer(chain, blob, media_type, "sha256:" + hashlib.sha256(tar).hexdigest())
+    if case == "digest":  # the blob changed after its descriptor was written
+        path = chain.layout / "blobs" / "sha256" / layer["digest"].removeprefix("sha256:")
+        path.write_bytes(gzipped(tar_layer(files)))
+    before = sorted(p.name for p in (chain.layout / "blobs" / "sha256").iterdir())
+    proc = subprocess.run(
+        [str(chain.hook_bin.parent / "python"), str(DRIVER), str(chain.layout), "bad", "base",
+         "squashed"], capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout == "", proc
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert layer["digest"] in lines[0], lines[0]
+    expected = {
+        "truncated": "is corrupt or truncated at member ./", "corrupt": "is corrupt or truncated",
+        "digest": "does not match its digest", "hardlink": "member ./c is a hardlink to nowhere",
+        "media-type": "tar+bzip2",
+    }[case]  # fmt: skip
+    assert expected in lines[0], lines[0]
+    assert sorted(p.name for p in (chain.layout / "blobs" / "sha256").iterdir()) == before
+    check_no_temporaries(chain.layout)
