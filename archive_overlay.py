@@ -2211,18 +2211,20 @@ class HashingReader:
         self.file.close()
 
 
-class CountingStream:
-    """A layer's tar stream, counting what it gives and noting its end."""
+class PaddedTar:
+    """A layer's tar as Go's archive/tar reads it: the stream may end right after the
+    last member's data, without its padding or the end-of-archive blocks (umoci 0.4.7
+    writes such layers); tarfile wants the padding, so it gets zeros up to the block."""
 
-    def __init__(self, stream: BinaryIO | HashingReader) -> None:
+    def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
-        self.size = 0
-        self.eof = False
+        self.offset = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
-        self.size += len(data)
-        self.eof = self.eof or not data
+        if not data:
+            data = bytes(min(-self.offset % BLOCK, n if n >= 0 else BLOCK))
+        self.offset += len(data)
         return data
 
 
@@ -2267,20 +2269,14 @@ def layer_members(blobs_fd: int, descriptor: dict, whole: bool = True) -> Iterat
     where = ["its start"]
 
     def members() -> Iterator[tuple[Member, object]]:
-        stream = CountingStream(decompressed(raw, LAYER_COMPRESSION[descriptor["mediaType"]]))
+        stream = PaddedTar(decompressed(raw, LAYER_COMPRESSION[descriptor["mediaType"]]))
         tar = tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape")  # noqa: SIM115
-        ordinal, end = 0, 0
+        ordinal = 0
         while True:
-            try:
-                info = tar.next()
-            except tarfile.ReadError:
-                if stream.eof and stream.size == end:
-                    break  # umoci 0.4.7's layers end after the last data: no padding, no trailer
-                raise
+            info = tar.next()
             tar.members.clear()  # a stream's TarFile keeps every header otherwise
             if info is None:
                 break
-            end = info.offset_data + (info.size if info.isreg() else 0)
             name = os.fsencode(info.name)
             where[0] = f"member {shown_name(name)}"
             mode = MEMBER_TYPES.get(info.type)

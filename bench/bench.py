@@ -758,6 +758,137 @@ def median(values: list[float]) -> float:
 
 
 # ---------------------------------------------------------------------------
+# Squash (--squash): merging a revision chain's layers against re-flattening it
+
+SQUASH_DRIVER = Path(__file__).resolve().parent.parent / "tests" / "squash_driver.py"
+SQUASH_FILE_SIZE = 8 << 10
+SQUASH_BASE_FILES = 2000
+SQUASH_VERSION = 1  # bump when the chain generator changes
+
+
+def squash_run_changes(merged: Path, i: int, files: int, content: Content) -> None:
+    """Run i's changes: `files` new files, a quarter of run i-1's rewritten, a quarter of
+    run i-2's deleted, a directory deleted and made again, a base file deleted."""
+    new = merged / f"run{i}"
+    new.mkdir()
+    for j in range(files):
+        _write_file(new / f"f{j}", content, SQUASH_FILE_SIZE)
+    for j in range(0, files, 4):
+        if (merged / f"run{i - 1}" / f"f{j}").exists():
+            _write_file(merged / f"run{i - 1}" / f"f{j}", content, SQUASH_FILE_SIZE)
+        if (merged / f"run{i - 2}" / f"f{j + 1}").exists():
+            (merged / f"run{i - 2}" / f"f{j + 1}").unlink()
+    shutil.rmtree(merged / "churn", ignore_errors=True)
+    (merged / "churn").mkdir()
+    (merged / "churn" / f"c{i}").write_text(f"{i}\n")
+    (merged / "base" / f"b{i % SQUASH_BASE_FILES}").unlink(missing_ok=True)
+
+
+def build_squash_chain(root: Path, hook: Path, layers: int, files: int, seed: int) -> Path:
+    """A layout: a data image (umoci), then `layers` revisions committed by the hook from
+    real overlays (lowers: the earlier upperdirs on the unpacked data image)."""
+    stamp = root / "chain.json"
+    params = {"version": SQUASH_VERSION, "layers": layers, "files": files, "seed": seed}
+    if stamp.exists() and json.loads(stamp.read_text()) == params:
+        return root / "img"
+    shutil.rmtree(root, ignore_errors=True)
+    content = Content(random.Random(seed), pool_size=4 * MIB)
+    (root / "data" / "base").mkdir(parents=True)
+    for j in range(SQUASH_BASE_FILES):
+        _write_file(root / "data" / "base" / f"b{j}", content, SQUASH_FILE_SIZE)
+    layout = root / "img"
+    for cmd in (["umoci", "init", "--layout", str(layout)],
+                ["umoci", "new", "--image", f"{layout}:base"],
+                ["umoci", "insert", "--image", f"{layout}:base", str(root / "data"), "/"],
+                ["umoci", "unpack", "--image", f"{layout}:base", str(root / "unpacked")]):  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True)
+    lowers, tag = ["unpacked/rootfs"], "base"
+    for i in range(1, layers + 1):
+        run = root / f"r{i}"
+        for name in ("u", "w", "m"):
+            (run / name).mkdir(parents=True)
+        options = [f"lowerdir={':'.join(reversed(lowers))}", f"upperdir={run}/u",
+                   f"workdir={run}/w"]  # fmt: skip
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", ",".join(options),
+                        str(run / "m")], cwd=root, check=True)  # fmt: skip
+        try:
+            squash_run_changes(run / "m", i, files, content)
+        finally:
+            subprocess.run(["umount", str(run / "m")], check=True)
+        annotations = {f"{PREFIX}{ARCHIVE_NAME}.{k}": v for k, v in (
+            ("mount-point", "/data"), ("archive-to", str(layout)), ("method", "oci-image"),
+            ("image-tag", f"r{i}"), ("image-base", tag))}  # fmt: skip
+        mount = {"destination": "/data", "type": "overlay", "source": str(run / "m"),
+                 "options": options}  # fmt: skip
+        (run / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "mounts": [mount],
+                                                     "annotations": annotations}))  # fmt: skip
+        state = {"ociVersion": "1.0.2", "id": f"r{i}", "status": "stopped", "bundle": str(run)}
+        subprocess.run([str(hook)], input=json.dumps(state).encode(), env={}, check=True,
+                       capture_output=True)  # fmt: skip
+        lowers.append(f"r{i}/u")
+        tag = f"r{i}"
+        log(f"squash chain: revision {i}/{layers} committed")
+    stamp.write_text(json.dumps(params))
+    return layout
+
+
+def bench_squash(a: argparse.Namespace, base: Path) -> int:
+    """Time merge_layers over every layer the hook wrote against umoci unpack + tar | pigz."""
+    if not os.access(a.hook, os.X_OK):
+        sys.exit(f"--squash needs the installed hook: {a.hook} not found")
+    for tool in ("umoci", "pigz", "tar"):
+        if not shutil.which(tool):
+            sys.exit(f"--squash needs {tool}")
+    layers, files = a.squash, a.squash_files
+    layout = build_squash_chain(base / f"squash-{layers}-{files}", a.hook, layers, files, a.seed)
+    scratch = base / "squash-scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    tip, python = f"r{layers}", str(a.hook.parent / "python")
+    tools = {
+        "merge_layers (squash_driver.py)": [python, str(SQUASH_DRIVER), str(layout), tip, "base",
+                                            "squashed"],
+        "umoci unpack + tar pax xattrs | pigz -6": ["sh", "-c", (
+            f"umoci unpack --image {shlex.quote(f'{layout}:{tip}')} {scratch}/bundle && "
+            f"tar --format=pax --xattrs -C {scratch}/bundle/rootfs -cf - . | pigz -6 "
+            f"> {scratch}/flat.tar.gz")],
+    }  # fmt: skip
+    samples: dict[str, list[Sample]] = {name: [] for name in tools}
+    sizes: dict[str, int] = {}
+    warm_cache(layout)
+    for r in range(a.rounds):
+        for name, argv in tools.items():
+            os.sync()
+            rc, stderr, wall, cpu, rss = run_measured(argv, None, None)
+            if rc != 0:
+                sys.exit(f"{name} failed: {stderr.strip()[-2000:]}")
+            if name.startswith("merge"):
+                index = json.loads((layout / "index.json").read_text())
+                top = index["manifests"][-1]
+                manifest = json.loads((layout / "blobs" / "sha256" /
+                                       top["digest"].removeprefix("sha256:")).read_text())  # fmt: skip
+                sizes[name] = manifest["layers"][-1]["size"]
+            else:
+                sizes[name] = (scratch / "flat.tar.gz").stat().st_size
+                shutil.rmtree(scratch / "bundle")
+            samples[name].append(Sample(wall, cpu, rss, sizes[name], 0))
+            log(f"{name}: {wall:.2f}s cpu {cpu:.2f}s rss {rss // 1024} MiB")
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(f"\n### Squash: {layers} layers written by the hook ({files} new files of "
+          f"{SQUASH_FILE_SIZE >> 10} KiB a run, a quarter of the last run's rewritten, a quarter "
+          f"of the one before deleted) on a data image of {SQUASH_BASE_FILES} files\n")  # fmt: skip
+    print("| tool | wall s | CPU s | peak RSS MiB | output MB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, runs in samples.items():
+        wall, cpu = median([s.wall for s in runs]), median([s.cpu for s in runs])
+        rss = max(s.maxrss_kib for s in runs)
+        print(f"| {md(name)} | {wall:.2f} | {cpu:.2f} | {rss / 1024:.1f} | "
+              f"{fmt_size(sizes[name])} |")  # fmt: skip
+    print(f"\nmedian of {a.rounds} rounds; command: {shlex.join([sys.executable, *sys.argv])}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -830,6 +961,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="with --startup, also time this built Go archive_overlay hook",
     )
+    p.add_argument(
+        "--squash",
+        type=int,
+        nargs="?",
+        const=100,
+        metavar="LAYERS",
+        help="time merging a chain of LAYERS hook-written layers (merge_layers) against umoci"
+        " unpack + tar | pigz of it (default 100)",
+    )
+    p.add_argument("--squash-files", type=int, default=200, metavar="N",
+                   help="with --squash, new files a run writes (default %(default)s)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--no-sync",
@@ -868,6 +1010,8 @@ def main(argv: list[str] | None = None) -> int:
         run_hook = False
 
     a.workdir.mkdir(parents=True, exist_ok=True)
+    if a.squash is not None:
+        return bench_squash(a, a.workdir)
     if a.startup is not None:
         if not run_hook:
             sys.exit("--startup needs the installed hook (--hook)")
