@@ -2042,6 +2042,11 @@ MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
+BASE_DIGEST = "org.opencontainers.image.base.digest"
+BASE_NAME = "org.opencontainers.image.base.name"
+# On a revision's manifest and its index.json descriptor: who committed it.
+COMMITTED_BY_CONTAINER = ANNOTATION_PREFIX + "container"
+COMMITTED_BY_ARCHIVE = ANNOTATION_PREFIX + "archive"
 LAYOUT_FILE, INDEX_FILE, LOCK_FILE = "oci-layout", "index.json", "index.lock"
 BLOB_TMP = "blob"  # blobs' temporaries: .blob.archive_overlay-tmp-<pid>-<random> in the layout
 MAX_JSON_BLOB = 4 << 20  # image-spec: registries may refuse manifests over 4 MiB
@@ -2251,8 +2256,23 @@ def canonical_json(value: dict) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def find_base(layout: Layout, index: dict, archive: Archive) -> Base | None:
-    """image-base (a ref name or a manifest digest), else what image-tag names now."""
+def committed_by(archive: Archive, info: RunInfo) -> dict[str, str]:
+    """The annotations naming the container and the archive that commit a revision."""
+    if info.container_id is None:
+        return {}
+    return {COMMITTED_BY_CONTAINER: info.container_id, COMMITTED_BY_ARCHIVE: archive.name}
+
+
+def find_base(layout: Layout, index: dict, archive: Archive,
+              origin: dict[str, str] | None = None) -> Base | None:  # fmt: skip
+    """image-base (a ref name or a manifest digest); else, when this container committed
+    this archive here before (`origin`: see committed_by), the base of that commit: a
+    container that stops again keeps its upperdir, relative to that base; else what
+    image-tag names now."""
+    earlier = [d for d in index["manifests"]
+               if origin and origin.items() <= d.get("annotations", {}).items()]  # fmt: skip
+    if earlier and not archive.image_base:
+        return base_of_earlier_commit(layout, earlier[-1]["digest"])
     wanted = archive.image_base or archive.image_tag
     if DIGEST_RE.fullmatch(wanted):
         digest, name = wanted, None
@@ -2267,6 +2287,29 @@ def find_base(layout: Layout, index: dict, archive: Archive) -> Base | None:
         if named[-1].get("mediaType", MANIFEST_MEDIA_TYPE) != MANIFEST_MEDIA_TYPE:
             raise ArchiveError(f"{wanted!r} in {layout.path} is not an image manifest")
         digest, name = named[-1]["digest"], wanted
+    return load_base(layout, digest, name)
+
+
+def base_of_earlier_commit(layout: Layout, earlier: str) -> Base | None:
+    """The base recorded in the manifest of this container's earlier commit (none for a
+    first revision); it must still be in the layout."""
+    annotations = layout.read_blob(earlier, "this container's earlier commit").get("annotations")
+    annotations = annotations if isinstance(annotations, dict) else {}
+    digest, name = annotations.get(BASE_DIGEST), annotations.get(BASE_NAME)
+    if digest is None:
+        return None
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise ArchiveError(f"this container's earlier commit {earlier}: bad {BASE_DIGEST}")
+    if lstat_at(layout.open_blobs(), digest.removeprefix("sha256:")) is None:
+        raise ArchiveError(
+            f"{digest}, the base of this container's earlier commit {earlier}, is no longer in "
+            f"{layout.path}: name the revision its upperdir goes on with image-base"
+        )
+    return load_base(layout, digest, name if isinstance(name, str) else None)
+
+
+def load_base(layout: Layout, digest: str, name: str | None) -> Base:
+    """A base revision's manifest and config, read and checked."""
     manifest = layout.read_blob(digest, "base manifest")
     check_manifest(manifest, digest)
     config = layout.read_blob(manifest["config"]["digest"], "base config")
@@ -2338,20 +2381,23 @@ def new_config(base: Base | None, layer: dict, archive: Archive, info: RunInfo) 
     return config
 
 
-def new_manifest(base: Base | None, layer: dict, config: dict, info: RunInfo) -> dict:
+def new_manifest(base: Base | None, layer: dict, config: dict, info: RunInfo,
+                 origin: dict[str, str] | None = None) -> dict:  # fmt: skip
     layers = list(base.manifest["layers"]) if base is not None else []
     layers.append({k: layer[k] for k in ("mediaType", "digest", "size")})
-    annotations = {"org.opencontainers.image.created": info.created}
+    annotations = {"org.opencontainers.image.created": info.created, **(origin or {})}
     if base is not None:
-        annotations["org.opencontainers.image.base.digest"] = base.digest
+        annotations[BASE_DIGEST] = base.digest
         if base.name is not None:
-            annotations["org.opencontainers.image.base.name"] = base.name
+            annotations[BASE_NAME] = base.name
     return {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE, "config": config,
             "layers": layers, "annotations": annotations}  # fmt: skip
 
 
-def tag_revision(layout: Layout, manifest: dict, tag: str) -> None:
-    """index.json with the new manifest named `tag`; its former holder kept, unnamed."""
+def tag_revision(layout: Layout, manifest: dict, tag: str,
+                 origin: dict[str, str] | None = None) -> None:  # fmt: skip
+    """index.json with the new manifest named `tag` (and annotated with `origin`); its
+    former holder kept, unnamed, with its other annotations."""
     with layout.locked():
         index = layout.read_index()
         for descriptor in index["manifests"]:
@@ -2360,7 +2406,7 @@ def tag_revision(layout: Layout, manifest: dict, tag: str) -> None:
                 del annotations[REF_NAME]
                 if not annotations:
                     del descriptor["annotations"]
-        index["manifests"].append({**manifest, "annotations": {REF_NAME: tag}})
+        index["manifests"].append({**manifest, "annotations": {**(origin or {}), REF_NAME: tag}})
         layout.write(INDEX_FILE, index)
 
 
@@ -2376,14 +2422,15 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
     stats = Stats()
     try:
         layout.ensure_layout(create)
-        base = find_base(layout, layout.read_index(), archive)  # all checked before writing
+        origin = committed_by(archive, info)
+        base = find_base(layout, layout.read_index(), archive, origin)  # checked before writing
         layout.put_layer(archive, walk(upper, excluded), upper, stats)
         assert stats.descriptor is not None
         config = new_config(base, stats.descriptor, archive, info)
         config_descriptor = layout.put_json_blob(config, CONFIG_MEDIA_TYPE)
-        manifest = new_manifest(base, stats.descriptor, config_descriptor, info)
+        manifest = new_manifest(base, stats.descriptor, config_descriptor, info, origin)
         stats.descriptor = layout.put_json_blob(manifest, MANIFEST_MEDIA_TYPE)
-        tag_revision(layout, stats.descriptor, archive.image_tag)
+        tag_revision(layout, stats.descriptor, archive.image_tag, origin)
     except OSError as exc:
         if stats.current is not None:
             raise ArchiveError(failure(exc, upper, layout.path, stats)) from None
@@ -2583,7 +2630,8 @@ named by annotations {ANNOTATION_PREFIX}<NAME>.<arg>:
   exclude            absolute paths in the mount, ':' or ',' separated, left out
   image-tag          oci-image: the ref name the new revision gets (required)
   image-base         oci-image: the revision it goes on, a ref name or sha256
-                     digest (default: what image-tag names now)
+                     digest (default: the base of this container's earlier
+                     commit there, else what image-tag names now)
 \b
 mount-point / means the container's root filesystem (config.json root.path).
 archive-to, success and image-tag may hold {{id}} (the container's id), {{name}}

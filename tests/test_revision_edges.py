@@ -11,15 +11,25 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import requires_root
-from engines import Podman, build_rootfs, remove_tree, run, scratch_dir
-from test_oci_image import check_layout, image_args, image_state, tagged, written_manifest
+from conftest import archive_annotations, requires_root
+from engines import Podman, build_oci_image, build_rootfs, remove_tree, run, scratch_dir
+from test_oci_image import (
+    COMMITTED_BY_ARCHIVE,
+    COMMITTED_BY_ID,
+    check_layout,
+    image_args,
+    image_state,
+    read_json_blob,
+    tagged,
+    written_manifest,
+)
 from test_oci_layer import require_tools
-from test_safety import hook, mounted, small_tree
+from test_safety import hook, mounted, small_tree, tree
 
 pytestmark = requires_root
 
@@ -131,3 +141,116 @@ def test_sigkill_at_any_step_of_a_commit_leaves_a_layout_umoci_gc_and_skopeo_acc
     assert tagged(check_layout(layout), "data") == [written_manifest(after)]
     run(["umoci", "gc", "--layout", str(layout)])
     run(["skopeo", "inspect", f"oci:{layout}:data"])
+
+
+# --- 1. a container that stops twice ---------------------------------------------------------
+
+# Run 1 creates first.txt in / and in /data; run 2 (the same container, started again)
+# deletes them, which leaves no whiteout: they were only in the upperdir.  podman 4.3 keeps
+# the rootfs's upperdir across starts, but mounts an image mount afresh (a new upperdir):
+# there /data/first.txt is gone already, and each commit must still be what run 2 left.
+TWICE = """set -e
+if [ -e /stopped-once ]; then
+  rm /first.txt; rm -f /data/first.txt
+  echo two > /second.txt; echo two > /data/second.txt
+else
+  touch /stopped-once
+  echo one > /first.txt; echo one > /data/first.txt
+fi
+"""
+
+
+def wait_for_commits(log: Path, count: int) -> list[str]:
+    """The hook's `archive written` lines, once there are `count` of them."""
+    deadline = time.monotonic() + 60
+    while True:
+        text = log.read_text() if log.exists() else ""
+        lines = [line for line in text.splitlines() if "archive written" in line]
+        if len(lines) >= count or time.monotonic() > deadline:
+            assert len(lines) == count and "level=error" not in text, text
+            return lines
+
+
+def unpacked_names(layout: Path, tag: str, work: Path) -> set[str]:
+    run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(work)])
+    return {p.name for p in (work / "rootfs").iterdir()}
+
+
+def test_a_container_that_stops_twice_commits_on_the_base_its_upperdir_is_relative_to(
+    hook_bin, tmp_path, engine_dir
+):
+    """podman start -a twice: the second commit goes on the base of the first (the image the
+    container was made from), not on the first commit: the file run 2 deleted is gone."""
+    require_tools("podman", "runc", "umoci")
+    roots, datas = engine_dir / "root", engine_dir / "data"
+    build_oci_image(roots, "app", build_rootfs(engine_dir / "rootfs"))
+    (engine_dir / "seed").mkdir()
+    (engine_dir / "seed" / "keep.txt").write_text("kept\n")
+    build_oci_image(datas, "data", engine_dir / "seed")
+    original = {name: json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+                for name, layout in (("root", roots), ("data", datas))}  # fmt: skip
+    podman, log = Podman(engine_dir / "p"), engine_dir / "hook.log"
+    try:
+        podman.setup()
+        podman.install_hook(hook_bin, log, allow_dir=engine_dir)
+        podman.load(f"oci:{roots}:app", "localhost/app:0")
+        podman.load(f"oci:{datas}:data", "localhost/data:0")
+        annotations = archive_annotations("root", mount_point="/", archive_to=str(roots),
+                                          method="oci-image", image_tag="app")  # fmt: skip
+        annotations |= archive_annotations("data", mount_point="/data", archive_to=str(datas),
+                                           method="oci-image", image_tag="data")  # fmt: skip
+        flags = [f"--annotation={key}={value}" for key, value in annotations.items()]
+        podman("create", "--name", "twice", "--network", "none", *flags, "--mount",
+               "type=image,source=localhost/data:0,destination=/data,rw=true",
+               "localhost/app:0", "sh", "-c", TWICE)  # fmt: skip
+        for run_number in (1, 2):
+            podman("start", "--attach", "twice")
+            wait_for_commits(log, 2 * run_number)
+        podman.load(f"oci:{roots}:app", "localhost/app:2")
+        podman.load(f"oci:{datas}:data", "localhost/data:2")
+        seen = podman("run", "--rm", "--network", "none", "--mount",
+                      "type=image,source=localhost/data:2,destination=/data",
+                      "localhost/app:2", "ls", "/", "/data").stdout.split()  # fmt: skip
+        assert seen.count("second.txt") == 2 and "first.txt" not in seen, seen
+        assert "keep.txt" in seen, seen
+        container = podman("inspect", "--format", "{{.Id}}", "twice").stdout.strip()
+        for name, layout, tag in (("root", roots, "app"), ("data", datas, "data")):
+            names = unpacked_names(layout, tag, tmp_path / f"unpacked-{name}")
+            assert "second.txt" in names and "first.txt" not in names, (name, names)
+            index = check_layout(layout)
+            first, second = (read_json_blob(layout, d["digest"]) for d in index["manifests"][1:])
+            for manifest, descriptor in ((first, index["manifests"][1]),
+                                         (second, index["manifests"][2])):  # fmt: skip
+                assert manifest["annotations"]["org.opencontainers.image.base.digest"] == (
+                    original[name])  # fmt: skip
+                origin = {COMMITTED_BY_ID: container, COMMITTED_BY_ARCHIVE: name}
+                assert origin.items() <= manifest["annotations"].items(), manifest
+                assert origin.items() <= descriptor["annotations"].items(), descriptor
+            assert len(second["layers"]) == 2, second  # the image's layer and run 2's upperdir
+    finally:
+        podman.teardown()
+
+
+def test_the_base_of_an_earlier_commit_that_is_gone_fails_before_writing(
+    hook_bin, make_overlay, tmp_path
+):
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    state = image_state(tmp_path, ovl, {"data": image_args(layout)}, container="other")
+    assert hook(hook_bin, state).returncode == 0  # revision 1, another container's
+    state = image_state(tmp_path, ovl, {"data": image_args(layout)}, container="twice")
+    assert hook(hook_bin, state).returncode == 0  # revision 2, on 1
+    index = json.loads((layout / "index.json").read_text())
+    gone = index["manifests"][0]["digest"]
+    index["manifests"] = index["manifests"][1:]  # revision 1 dropped, then collected
+    (layout / "index.json").write_text(json.dumps(index))
+    run(["umoci", "gc", "--layout", str(layout)])
+    before = tree(layout)
+    again = hook(hook_bin, state)
+    assert again.returncode == 1, again.log
+    line = again.error_for("data")
+    assert gone in line and "earlier commit" in line and "image-base" in line, line
+    assert str(layout) in line and "Traceback" not in again.log
+    assert tree(layout) == before
+    pinned = image_state(tmp_path, ovl, {"data": image_args(layout, image_base="data")}, "twice")
+    assert hook(hook_bin, pinned).returncode == 0  # image-base given still wins
