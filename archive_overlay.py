@@ -2410,13 +2410,26 @@ def tag_revision(layout: Layout, manifest: dict, tag: str,
         layout.write(INDEX_FILE, index)
 
 
-def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
-                   info: RunInfo, excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
-    """Layer, config, manifest, each fsync'd under its digest; only then index.json."""
+def check_revision_inputs(archive: Archive, info: RunInfo) -> None:
+    """What a revision takes from its inputs, checked before its first byte is written."""
     if not archive.image_tag:
         raise ArchiveError(f"method {archive.method} needs an image-tag")
     if not is_ref_name(archive.image_tag):
         raise ArchiveError(f"image-tag {archive.image_tag!r} is not a valid ref name")
+    for what, value in (("container id", info.container_id), ("archive name", archive.name)):
+        try:
+            (value or "").encode()
+        except UnicodeEncodeError:
+            raise ArchiveError(
+                f"the {what} {value!r} is not valid UTF-8: it cannot go into the revision's "
+                "config and annotations (JSON text)"
+            ) from None
+
+
+def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
+                   info: RunInfo, excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
+    """Layer, config, manifest, each fsync'd under its digest; only then index.json."""
+    check_revision_inputs(archive, info)
     create = not archive.image_base  # a named base must be there already: nothing made
     layout = Layout(archive.archive_to, allow_dirs, create)
     stats = Stats()

@@ -254,3 +254,33 @@ def test_the_base_of_an_earlier_commit_that_is_gone_fails_before_writing(
     assert tree(layout) == before
     pinned = image_state(tmp_path, ovl, {"data": image_args(layout, image_base="data")}, "twice")
     assert hook(hook_bin, pinned).returncode == 0  # image-base given still wins
+
+
+# --- 6. a container id that is not UTF-8 ----------------------------------------------------
+
+
+@pytest.mark.parametrize("layout_there", [False, True], ids=["new-layout", "existing-layout"])
+def test_a_container_id_that_is_not_utf8_fails_before_writing(hook_bin, make_overlay, tmp_path,
+                                                               layout_there):  # fmt: skip
+    """A lone surrogate in the state's id: a tar's {id} takes it (as a file name, the bytes
+    it escapes), a revision cannot (its config and annotations are UTF-8 JSON)."""
+    ovl = small_tree(make_overlay())
+    layout = tmp_path / "layout"
+    if layout_there:
+        state = image_state(tmp_path, ovl, {"data": image_args(layout)}, container="earlier")
+        assert hook(hook_bin, state).returncode == 0
+    before = tree(layout) if layout_there else None
+    archives = {"data": image_args(layout),
+                "tarred": {"archive_to": f"{tmp_path}/out/{{id}}.tar", "method": "tar"}}  # fmt: skip
+    bad = hook(hook_bin, image_state(tmp_path, ovl, archives, container="bad\udc80id"))
+    assert bad.returncode == 1, bad.log
+    line = bad.error_for("data")
+    assert "container id 'bad\\\\udc80id' is not valid UTF-8" in line, line
+    assert "Traceback" not in bad.log and "codec" not in bad.log, bad.log
+    if layout_there:
+        assert tree(layout) == before  # no orphan blob
+    else:
+        assert not layout.exists()
+    assert [p.name.encode("utf-8", "surrogateescape") for p in (tmp_path / "out").iterdir()] == [
+        b"bad\x80id.tar"
+    ]
