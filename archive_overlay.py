@@ -346,6 +346,9 @@ class Archive:
         self.exclude = ""  # absolute paths in the mount, ':' or ',' separated
         self.image_tag = ""
         self.image_base = ""
+        # archive-to or image-tag held {time}: one archive per run, never a replacement.
+        self.archive_to_once = False
+        self.image_tag_once = False
         # Annotations that cannot be honoured, as (key, why): the archive is not written.
         self.refused: list[tuple[str, str]] = []
 
@@ -472,14 +475,16 @@ def level_problem(archive: Archive) -> str | None:
 class RunInfo:
     """What every archive of one run shares: the container's id and the run's time."""
 
-    def __init__(self, container_id: str | None, when: time.struct_time) -> None:
+    def __init__(self, container_id: str | None, when: time.struct_time,
+                 microseconds: int = 0) -> None:  # fmt: skip
         self.container_id = container_id
         self.when = when  # UTC
+        self.microseconds = microseconds
 
     @property
     def stamp(self) -> str:
-        """{time} in a path: 20261127T093015Z."""
-        return time.strftime("%Y%m%dT%H%M%SZ", self.when)
+        """{time} in a path or a ref name: 20261127T093015.123456Z."""
+        return time.strftime("%Y%m%dT%H%M%S", self.when) + f".{self.microseconds:06d}Z"
 
     @property
     def created(self) -> str:
@@ -529,9 +534,16 @@ def expand_placeholders(archive: Archive, info: RunInfo) -> None:
         value = values[key]
         if value is not None and ("/" in value or "\0" in value or value in ("", ".", "..")):
             values[key] = None
+    archive.archive_to_once = holds_time(archive.archive_to)
+    archive.image_tag_once = holds_time(archive.image_tag)
     archive.archive_to = expand(archive.archive_to, values, "archive-to")
     archive.success = expand(archive.success, values, "success")
     archive.image_tag = expand(archive.image_tag, values, "image-tag")
+
+
+def holds_time(template: str) -> bool:
+    """Whether a template holds the {time} placeholder ({{time}} is literal text)."""
+    return "{time}" in template.replace("{{", "").replace("}}", "")
 
 
 # ---------------------------------------------------------------------------
@@ -1098,10 +1110,12 @@ def pid_alive(pid: int) -> bool:
 class Destination:
     """archive-to's parent directory, held open, and a temporary beside it."""
 
-    def __init__(self, archive_to: str, allow_dirs: tuple[str, ...], archive: str = "") -> None:
+    def __init__(self, archive_to: str, allow_dirs: tuple[str, ...], archive: str = "",
+                 replace: bool = True) -> None:  # fmt: skip
         real = check_allowed(archive_to, allow_dirs, "archive-to")
         self.path = archive_to
         self.archive = archive  # its name, for the log
+        self.replace = replace  # False: an archive already at archive-to fails this one
         self.parent, self.name = posixpath.split(real)
         try:
             self.dir_fd = open_dir_nofollow(self.parent, create=True)
@@ -1149,12 +1163,14 @@ class Destination:
         placed: list[tuple[str, str, bool]] = []
         try:
             for tmp, name in ((self.tmp_name, self.name), *companions):
-                placed.append((tmp, name, put_in_place(self.dir_fd, tmp, name)))
+                placed.append((tmp, name, put_in_place(self.dir_fd, tmp, name, self.replace)))
             os.fsync(self.dir_fd)
-        except BaseException:
+        except BaseException as exc:
             for tmp, name, had_old in reversed(placed):
                 with contextlib.suppress(OSError):
                     take_back(self.dir_fd, tmp, name, had_old)
+            if isinstance(exc, FileExistsError):
+                raise self.exists_already(posixpath.join(self.parent, exc.filename)) from None
             raise
         for tmp, _, had_old in placed:
             if had_old:  # the replaced one, now under the temporary name
@@ -1169,11 +1185,18 @@ class Destination:
                 archive=self.archive, path=posixpath.join(self.parent, tmp), error=describe(exc),
             )  # fmt: skip
 
+    def exists_already(self, path: str) -> ArchiveError:
+        return ArchiveError(f"{path} exists already: an archive-to with {{time}} never "
+                            "replaces an archive (another run in the same microsecond?)")  # fmt: skip
+
     def check_kind(self, is_dir: bool) -> None:
-        """Fail before writing anything if archive-to is of the other kind."""
+        """Fail before writing anything if archive-to is of the other kind, or there at all
+        when it must not be replaced."""
         old = self.existing()
         if old is None:
             return
+        if not self.replace:
+            raise self.exists_already(posixpath.join(self.parent, self.name))
         if is_dir and not stat.S_ISDIR(old.st_mode):
             raise ArchiveError(f"archive-to {self.path} exists and is not a directory")
         if not is_dir and stat.S_ISDIR(old.st_mode):
@@ -1200,14 +1223,15 @@ def clear_inherited(fd: int) -> None:
     os.fchmod(fd, 0o700)
 
 
-def put_in_place(dir_fd: int, tmp: str, name: str) -> bool:
-    """Rename tmp onto name; True if an old `name` was there: it is now under tmp."""
+def put_in_place(dir_fd: int, tmp: str, name: str, replace: bool = True) -> bool:
+    """Rename tmp onto name; True if an old `name` was there: it is now under tmp.
+    Without `replace`, an old `name` is left alone: FileExistsError."""
     while True:
         try:
             renameat2(dir_fd, tmp, name, RENAME_NOREPLACE)
             return False
         except OSError as exc:
-            if exc.errno != errno.EEXIST:
+            if exc.errno != errno.EEXIST or not replace:
                 raise
         try:
             renameat2(dir_fd, tmp, name, RENAME_EXCHANGE)
@@ -2394,12 +2418,15 @@ def new_manifest(base: Base | None, layer: dict, config: dict, info: RunInfo,
             "layers": layers, "annotations": annotations}  # fmt: skip
 
 
-def tag_revision(layout: Layout, manifest: dict, tag: str,
-                 origin: dict[str, str] | None = None) -> None:  # fmt: skip
+def tag_revision(layout: Layout, manifest: dict, tag: str, origin: dict[str, str] | None = None,
+                 move: bool = True) -> None:  # fmt: skip
     """index.json with the new manifest named `tag` (and annotated with `origin`); its
-    former holder kept, unnamed, with its other annotations."""
+    former holder kept, unnamed, with its other annotations.  Without `move`, a tag
+    held already fails the commit."""
     with layout.locked():
         index = layout.read_index()
+        if not move:
+            check_tag_free(layout, index, tag)
         for descriptor in index["manifests"]:
             annotations = descriptor.get("annotations")
             if isinstance(annotations, dict) and annotations.get(REF_NAME) == tag:
@@ -2426,6 +2453,15 @@ def check_revision_inputs(archive: Archive, info: RunInfo) -> None:
             ) from None
 
 
+def check_tag_free(layout: Layout, index: dict, tag: str) -> None:
+    """A tag made with {time} names one run's revision: never moved off another."""
+    if any(d.get("annotations", {}).get(REF_NAME) == tag for d in index["manifests"]):
+        raise ArchiveError(
+            f"image-tag {tag!r} names a revision in {layout.path} already: an image-tag with "
+            "{time} never moves off one (another run in the same microsecond?)"
+        )
+
+
 def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
                    info: RunInfo, excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
     """Layer, config, manifest, each fsync'd under its digest; only then index.json."""
@@ -2436,14 +2472,18 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
     try:
         layout.ensure_layout(create)
         origin = committed_by(archive, info)
-        base = find_base(layout, layout.read_index(), archive, origin)  # checked before writing
+        index = layout.read_index()
+        if archive.image_tag_once:
+            check_tag_free(layout, index, archive.image_tag)
+        base = find_base(layout, index, archive, origin)  # all checked before writing
         layout.put_layer(archive, walk(upper, excluded), upper, stats)
         assert stats.descriptor is not None
         config = new_config(base, stats.descriptor, archive, info)
         config_descriptor = layout.put_json_blob(config, CONFIG_MEDIA_TYPE)
         manifest = new_manifest(base, stats.descriptor, config_descriptor, info, origin)
         stats.descriptor = layout.put_json_blob(manifest, MANIFEST_MEDIA_TYPE)
-        tag_revision(layout, stats.descriptor, archive.image_tag, origin)
+        tag_revision(layout, stats.descriptor, archive.image_tag, origin,
+                     move=not archive.image_tag_once)  # fmt: skip
     except OSError as exc:
         if stats.current is not None:
             raise ArchiveError(failure(exc, upper, layout.path, stats)) from None
@@ -2471,7 +2511,8 @@ def archive_one(archive: Archive, config: dict, bundle: str, opts: Options,
     if archive.method in IMAGE_METHODS:
         stats = write_revision(archive, upper, opts.allow_dirs, info, excluded)
     else:
-        dest = Destination(archive.archive_to, opts.allow_dirs, archive.name)
+        dest = Destination(archive.archive_to, opts.allow_dirs, archive.name,
+                           replace=not archive.archive_to_once)  # fmt: skip
         log.debug("writing to a temporary", archive=archive.name,
                   path=posixpath.join(dest.parent, dest.tmp_name))  # fmt: skip
         try:
@@ -2587,7 +2628,9 @@ def run(stdin: bytes, opts: Options) -> int:
         log.info("no archive asked for", container=state.get("id"))
         return EXIT_OK
     container_id = state.get("id")
-    info = RunInfo(container_id if isinstance(container_id, str) else None, time.gmtime())
+    now = time.time()
+    info = RunInfo(container_id if isinstance(container_id, str) else None, time.gmtime(now),
+                   int(now % 1 * 1_000_000))  # fmt: skip
     failed = 0
     for archive in archives:  # every archive is attempted, whatever the others did
         if archive.refused:
@@ -2648,7 +2691,8 @@ named by annotations {ANNOTATION_PREFIX}<NAME>.<arg>:
 \b
 mount-point / means the container's root filesystem (config.json root.path).
 archive-to, success and image-tag may hold {{id}} (the container's id), {{name}}
-(the archive's NAME), {{time}} (UTC, e.g. 20261127T093015Z); {{{{ and }}}} are braces.
+(the archive's NAME), {{time}} (UTC, e.g. 20261127T093015.123456Z); {{{{ and }}}}
+are braces.
 \b
 An annotation that cannot be honoured (a misspelt method or arg, a bad owner
 or level, only one of mount-point and archive-to) fails its archive.

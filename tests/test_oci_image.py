@@ -76,7 +76,7 @@ REF_NAME = "org.opencontainers.image.ref.name"
 COMMITTED_BY_ID = "com.launchplatform.oci-hooks.archive-overlay.container"
 COMMITTED_BY_ARCHIVE = "com.launchplatform.oci-hooks.archive-overlay.archive"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-TIME_RE = r"\d{8}T\d{6}Z"
+TIME_RE = r"\d{8}T\d{6}\.\d{6}Z"
 
 
 # --- the hook on a hand-made overlay ------------------------------------------------------

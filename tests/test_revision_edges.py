@@ -21,6 +21,7 @@ from engines import Podman, build_oci_image, build_rootfs, remove_tree, run, scr
 from test_oci_image import (
     COMMITTED_BY_ARCHIVE,
     COMMITTED_BY_ID,
+    REF_NAME,
     check_layout,
     image_args,
     image_state,
@@ -29,7 +30,7 @@ from test_oci_image import (
     written_manifest,
 )
 from test_oci_layer import require_tools
-from test_safety import hook, mounted, small_tree, tree
+from test_safety import finish, hook, mounted, small_tree, start_hook, tree
 
 pytestmark = requires_root
 
@@ -283,4 +284,81 @@ def test_a_container_id_that_is_not_utf8_fails_before_writing(hook_bin, make_ove
         assert not layout.exists()
     assert [p.name.encode("utf-8", "surrogateescape") for p in (tmp_path / "out").iterdir()] == [
         b"bad\x80id.tar"
+    ]
+
+
+# --- 3. {time}: one archive per run -----------------------------------------------------------
+
+STAMP_RE = re.compile(r"(\d{8}T\d{6})\.(\d{6})Z")
+
+
+def timed_archives(out: Path, layout: Path) -> dict[str, dict[str, str]]:
+    return {"data": {"archive_to": f"{out}/{{name}}-{{time}}.tar.gz", "method": "tar.gz"},
+            "image": image_args(layout, tag="rev-{time}")}  # fmt: skip
+
+
+def test_two_hooks_in_the_same_second_keep_two_archives_and_two_revisions(
+    hook_bin, make_overlay, tmp_path
+):
+    """Two containers stop in the same second: {time} differs (microseconds), both archives
+    and both revisions are kept, each readable by tools we did not write."""
+    require_tools("bsdtar", "skopeo")
+    ovl = small_tree(make_overlay())
+    for attempt in range(5):  # until both runs fall in the same second
+        out, layout = tmp_path / f"out{attempt}", tmp_path / f"layout{attempt}"
+        states = [image_state(tmp_path / f"s{i}", ovl, timed_archives(out, layout), f"c{i}")
+                  for i in range(2)]  # fmt: skip
+        time.sleep(1.05 - time.time() % 1)  # start both just after a second begins
+        runs = [finish(p) for p in [start_hook(hook_bin, state) for state in states]]
+        assert [r.returncode for r in runs] == [0, 0], "\n".join(r.log for r in runs)
+        names = sorted(p.name for p in out.iterdir())
+        stamps = [STAMP_RE.search(name) for name in names]
+        if len({m.group(1) for m in stamps if m}) == 1:
+            break
+    else:
+        pytest.fail(f"5 tries: the two hooks never ran in the same second: {names}")
+    assert len(names) == 2 and stamps[0].group(0) != stamps[1].group(0), names
+    for name in names:
+        listing = run(["bsdtar", "-tzf", str(out / name)]).stdout.split()
+        assert "./hello" in listing, listing
+    index = check_layout(layout)
+    tags = sorted(d["annotations"][REF_NAME] for d in index["manifests"])
+    assert tags == [f"rev-{m.group(0)}" for m in stamps], (tags, names)
+    for tag in tags:
+        run(["skopeo", "inspect", f"oci:{layout}:{tag}"])
+
+
+def test_a_time_archive_to_or_image_tag_taken_already_fails_and_is_kept(
+    hook_bin, make_overlay, tmp_path
+):
+    """Archives of one run share {time}: the second with the same archive-to (or image-tag)
+    must fail, naming it, and leave the first alone (RENAME_NOREPLACE at the commit)."""
+    ovl = small_tree(make_overlay())
+    out, layout = tmp_path / "out", tmp_path / "layout"
+    archives = {
+        "a-tar": {"archive_to": f"{out}/same-{{time}}.tar", "method": "tar"},
+        "b-tar": {"archive_to": f"{out}/same-{{time}}.tar", "method": "tar",
+                  "success": f"{out}/b.ok", "exclude": "/hello"},
+        "c-copy": {"archive_to": f"{out}/dir-{{time}}", "method": "copy"},
+        "d-copy": {"archive_to": f"{out}/dir-{{time}}", "method": "copy", "exclude": "/hello"},
+        "e-image": image_args(layout, tag="rev-{time}"),
+        "f-image": image_args(layout, tag="rev-{time}"),
+    }  # fmt: skip
+    result = hook(hook_bin, image_state(tmp_path, ovl, archives))
+    assert result.returncode == 1, result.log
+    for name in ("b-tar", "d-copy"):
+        line = result.error_for(name)
+        assert "exists already" in line and str(out) in line and "{time}" in line, line
+    line = result.error_for("f-image")
+    assert "names a revision" in line and "rev-" in line and str(layout) in line, line
+    assert "Traceback" not in result.log
+    written = {p.name for p in out.iterdir()}
+    assert len(written) == 2 and not (out / "b.ok").exists(), written
+    tar = next(out.glob("same-*.tar"))
+    assert "./hello" in run(["bsdtar", "-tf", str(tar)]).stdout.split()  # a-tar's, not b-tar's
+    assert (next(out.glob("dir-*")) / "hello").exists()  # c-copy's, not d-copy's
+    index = check_layout(layout)
+    assert len(index["manifests"]) == 1, index  # e-image's; f-image made none
+    assert tagged(index, index["manifests"][0]["annotations"][REF_NAME]) == [
+        written_manifest(result, "e-image")
     ]
