@@ -1057,15 +1057,38 @@ def remove_at(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def temp_name(name: str) -> str:
-    """A temporary beside `name`, recognisable as ours and as whose (the pid)."""
-    return f".{name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+# What a temporary's name adds to its stem: the mark, a pid (up to pid_max 4194304), 8 hex.
+TMP_TAIL = len(TMP_MARK) + 7 + 1 + 8
+
+
+def name_max(dir_fd: int | None) -> int:
+    """The longest name, in bytes, the directory's filesystem takes."""
+    try:
+        return 255 if dir_fd is None else os.fpathconf(dir_fd, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def temp_stem(name: str, dir_fd: int | None = None) -> str:
+    """What the temporaries for `name` start with: `.name`, or, where that leaves too
+    little room for the rest, `.` + the name's first bytes + `~` + a checksum of it."""
+    raw = os.fsencode(name)
+    room = name_max(dir_fd) - TMP_TAIL - 1  # for the name, after the "."
+    if len(raw) <= room:
+        return f".{name}"
+    return f".{os.fsdecode(raw[: room - 9])}~{zlib.crc32(raw):08x}"
+
+
+def temp_name(name: str, dir_fd: int | None = None) -> str:
+    """A temporary beside `name` (in dir_fd), recognisable as ours and as whose (the pid),
+    short enough for the filesystem whatever the length of `name`."""
+    return f"{temp_stem(name, dir_fd)}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def remove_stale_temporaries(dir_fd: int, name: str | None, shown_dir: str) -> None:
     """Temporaries for `name` (for any name: None) left by runs killed mid-write
     (SIGKILL): remove them."""
-    prefix = "." if name is None else f".{name}{TMP_MARK}"
+    prefix = "." if name is None else f"{temp_stem(name, dir_fd)}{TMP_MARK}"
     try:
         entries = os.listdir(dir_fd)
     except OSError as exc:
@@ -1123,7 +1146,7 @@ class Destination:
             raise ArchiveError(
                 f"cannot open the directory of archive-to: {describe(exc)}"
             ) from None
-        self.tmp_name = temp_name(self.name)
+        self.tmp_name = temp_name(self.name, self.dir_fd)
         self.lock_fd: int | None = None
 
     def close(self) -> None:
@@ -1189,6 +1212,14 @@ class Destination:
         return ArchiveError(f"{path} exists already: an archive-to with {{time}} never "
                             "replaces an archive (another run in the same microsecond?)")  # fmt: skip
 
+    def check_companion(self, suffix: str) -> None:
+        """Fail before writing anything if `<archive-to><suffix>` is a name too long."""
+        if len(os.fsencode(self.name + suffix)) > name_max(self.dir_fd):
+            raise ArchiveError(
+                f"archive-to {self.path}: its name is too long for the {suffix} file that goes "
+                f"beside it (at most {name_max(self.dir_fd) - len(suffix)} bytes)"
+            )
+
     def check_kind(self, is_dir: bool) -> None:
         """Fail before writing anything if archive-to is of the other kind, or there at all
         when it must not be replaced."""
@@ -1250,7 +1281,7 @@ def take_back(dir_fd: int, tmp: str, name: str, had_old: bool) -> None:
 
 def write_temp_file(dir_fd: int, name: str, data: bytes) -> str:
     """A small file written whole and fsync'd under a temporary name beside `name`."""
-    tmp = temp_name(name)
+    tmp = temp_name(name, dir_fd)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
     try:
@@ -2245,7 +2276,7 @@ class Layout:
                   stats: Stats) -> None:  # fmt: skip
         """The layer as oci-layer writes it, through a locked temporary, kept under its digest."""
         blobs_fd = self.open_blobs()
-        tmp = temp_name(BLOB_TMP)
+        tmp = temp_name(BLOB_TMP, self.fd)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o644, dir_fd=self.fd)
         try:
@@ -2550,6 +2581,8 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination,
                   excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
     is_dir = archive.method == "copy"
     dest.check_kind(is_dir)
+    if archive.method.startswith("oci-layer"):
+        dest.check_companion(".json")
     stats = Stats()
     companions: tuple[tuple[str, str], ...] = ()
     try:

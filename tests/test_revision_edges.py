@@ -9,6 +9,7 @@ UTF-8; two hooks in the same second with {time}; names as long as NAME_MAX.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -30,7 +31,7 @@ from test_oci_image import (
     written_manifest,
 )
 from test_oci_layer import require_tools
-from test_safety import finish, hook, mounted, small_tree, start_hook, tree
+from test_safety import TMP_MARK, finish, hook, mounted, small_tree, start_hook, tree
 
 pytestmark = requires_root
 
@@ -362,3 +363,74 @@ def test_a_time_archive_to_or_image_tag_taken_already_fails_and_is_kept(
     assert tagged(index, index["manifests"][0]["annotations"][REF_NAME]) == [
         written_manifest(result, "e-image")
     ]
+
+
+# --- 5. names as long as the filesystem takes -------------------------------------------------
+
+
+def long_name(length: int, suffix: str = "") -> str:
+    return "n" * (length - len(suffix)) + suffix
+
+
+def test_archive_to_and_success_names_of_255_bytes_are_written(hook_bin, make_overlay, tmp_path):
+    """NAME_MAX is 255: every such name is valid, and the temporaries beside it must fit."""
+    require_tools("bsdtar")
+    ovl = small_tree(make_overlay())
+    out = tmp_path / "out"
+    out.mkdir()
+    assert os.pathconf(out, "PC_NAME_MAX") == 255
+    copy, tgz = out / long_name(255), out / long_name(255, ".tar.gz")
+    layer = out / long_name(250, ".tar.gz")  # its .json companion: 255
+    container = long_name(251)  # {id}.tar: 255, as a long container id makes it
+    archives = {
+        "copy": {"archive_to": str(copy), "method": "copy", "success": f"{out}/{long_name(255, '1')}"},
+        "tgz": {"archive_to": str(tgz), "method": "tar.gz", "success": f"{out}/{long_name(255, '2')}"},
+        "layer": {"archive_to": str(layer), "method": "oci-layer"},
+        "byid": {"archive_to": f"{out}/{{id}}.tar", "method": "tar"},
+    }  # fmt: skip
+    result = hook(hook_bin, image_state(tmp_path, ovl, archives, container=container))
+    assert result.returncode == 0, result.log
+    assert (copy / "hello").read_text() == "hello \n" and (copy / "dir" / "link").is_symlink()
+    for tar in (tgz, layer, out / f"{container}.tar"):
+        assert "./hello" in run(["bsdtar", "-tf", str(tar)]).stdout.split(), tar
+    descriptor = json.loads(Path(f"{layer}.json").read_text())
+    assert descriptor["size"] == layer.stat().st_size
+    assert (out / long_name(255, "1")).exists() and (out / long_name(255, "2")).exists()
+    assert not [p for p in out.iterdir() if TMP_MARK in p.name]
+
+
+def test_an_oci_layer_whose_json_cannot_exist_fails_before_writing(
+    hook_bin, make_overlay, tmp_path
+):
+    ovl = small_tree(make_overlay())
+    out = tmp_path / "out"
+    out.mkdir()
+    layer = out / long_name(251, ".tar.gz")  # <archive-to>.json would be 256 bytes
+    archives = {"layer": {"archive_to": str(layer), "method": "oci-layer"}}
+    result = hook(hook_bin, image_state(tmp_path, ovl, archives))
+    assert result.returncode == 1, result.log
+    line = result.error_for("layer")
+    assert str(layer) in line and "too long for the .json file" in line and "250 bytes" in line
+    assert "Traceback" not in result.log and list(out.iterdir()) == []
+
+
+def test_a_long_names_temporary_left_by_a_kill_is_removed_by_the_next_run(
+    hook_bin, make_overlay, tmp_path
+):
+    require_tools("strace")
+    ovl = small_tree(make_overlay())
+    out = tmp_path / "out"
+    tgz = out / long_name(255, ".tar.gz")
+    state = image_state(tmp_path, ovl, {"tgz": {"archive_to": str(tgz), "method": "tar.gz"}})
+    proc = subprocess.run(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync", "-e",
+         "inject=fsync:signal=KILL:when=1", str(hook_bin)],
+        input=state.encode(), capture_output=True, env={}, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode in (-9, 137), (proc.returncode, proc.stderr.decode())
+    left = [p.name for p in out.iterdir()]
+    assert len(left) == 1 and TMP_MARK in left[0] and len(left[0]) <= 255, left
+    after = hook(hook_bin, state)
+    assert after.returncode == 0, after.log
+    assert "removing a stale temporary" in after.log
+    assert [p.name for p in out.iterdir()] == [tgz.name]
