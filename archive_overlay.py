@@ -350,6 +350,9 @@ class Archive:
         self.image_base = ""
         self.max_layers: int | None = None  # image-max-layers: None is DEFAULT_MAX_LAYERS
         self.keep: int | None = None  # image-keep: None keeps every revision
+        # archive-to or image-tag held {time}: one archive per run, never a replacement.
+        self.archive_to_once = False
+        self.image_tag_once = False
         # Annotations that cannot be honoured, as (key, why): the archive is not written.
         self.refused: list[tuple[str, str]] = []
 
@@ -496,14 +499,16 @@ def level_problem(archive: Archive) -> str | None:
 class RunInfo:
     """What every archive of one run shares: the container's id and the run's time."""
 
-    def __init__(self, container_id: str | None, when: time.struct_time) -> None:
+    def __init__(self, container_id: str | None, when: time.struct_time,
+                 microseconds: int = 0) -> None:  # fmt: skip
         self.container_id = container_id
         self.when = when  # UTC
+        self.microseconds = microseconds
 
     @property
     def stamp(self) -> str:
-        """{time} in a path: 20261127T093015Z."""
-        return time.strftime("%Y%m%dT%H%M%SZ", self.when)
+        """{time} in a path or a ref name: 20261127T093015.123456Z."""
+        return time.strftime("%Y%m%dT%H%M%S", self.when) + f".{self.microseconds:06d}Z"
 
     @property
     def created(self) -> str:
@@ -553,9 +558,16 @@ def expand_placeholders(archive: Archive, info: RunInfo) -> None:
         value = values[key]
         if value is not None and ("/" in value or "\0" in value or value in ("", ".", "..")):
             values[key] = None
+    archive.archive_to_once = holds_time(archive.archive_to)
+    archive.image_tag_once = holds_time(archive.image_tag)
     archive.archive_to = expand(archive.archive_to, values, "archive-to")
     archive.success = expand(archive.success, values, "success")
     archive.image_tag = expand(archive.image_tag, values, "image-tag")
+
+
+def holds_time(template: str) -> bool:
+    """Whether a template holds the {time} placeholder ({{time}} is literal text)."""
+    return "{time}" in template.replace("{{", "").replace("}}", "")
 
 
 # ---------------------------------------------------------------------------
@@ -1069,15 +1081,38 @@ def remove_at(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def temp_name(name: str) -> str:
-    """A temporary beside `name`, recognisable as ours and as whose (the pid)."""
-    return f".{name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+# What a temporary's name adds to its stem: the mark, a pid (up to pid_max 4194304), 8 hex.
+TMP_TAIL = len(TMP_MARK) + 7 + 1 + 8
+
+
+def name_max(dir_fd: int | None) -> int:
+    """The longest name, in bytes, the directory's filesystem takes."""
+    try:
+        return 255 if dir_fd is None else os.fpathconf(dir_fd, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def temp_stem(name: str, dir_fd: int | None = None) -> str:
+    """What the temporaries for `name` start with: `.name`, or, where that leaves too
+    little room for the rest, `.` + the name's first bytes + `~` + a checksum of it."""
+    raw = os.fsencode(name)
+    room = name_max(dir_fd) - TMP_TAIL - 1  # for the name, after the "."
+    if len(raw) <= room:
+        return f".{name}"
+    return f".{os.fsdecode(raw[: room - 9])}~{zlib.crc32(raw):08x}"
+
+
+def temp_name(name: str, dir_fd: int | None = None) -> str:
+    """A temporary beside `name` (in dir_fd), recognisable as ours and as whose (the pid),
+    short enough for the filesystem whatever the length of `name`."""
+    return f"{temp_stem(name, dir_fd)}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def remove_stale_temporaries(dir_fd: int, name: str | None, shown_dir: str) -> None:
     """Temporaries for `name` (for any name: None) left by runs killed mid-write
     (SIGKILL): remove them."""
-    prefix = "." if name is None else f".{name}{TMP_MARK}"
+    prefix = "." if name is None else f"{temp_stem(name, dir_fd)}{TMP_MARK}"
     try:
         entries = os.listdir(dir_fd)
     except OSError as exc:
@@ -1122,10 +1157,12 @@ def pid_alive(pid: int) -> bool:
 class Destination:
     """archive-to's parent directory, held open, and a temporary beside it."""
 
-    def __init__(self, archive_to: str, allow_dirs: tuple[str, ...], archive: str = "") -> None:
+    def __init__(self, archive_to: str, allow_dirs: tuple[str, ...], archive: str = "",
+                 replace: bool = True) -> None:  # fmt: skip
         real = check_allowed(archive_to, allow_dirs, "archive-to")
         self.path = archive_to
         self.archive = archive  # its name, for the log
+        self.replace = replace  # False: an archive already at archive-to fails this one
         self.parent, self.name = posixpath.split(real)
         try:
             self.dir_fd = open_dir_nofollow(self.parent, create=True)
@@ -1133,7 +1170,7 @@ class Destination:
             raise ArchiveError(
                 f"cannot open the directory of archive-to: {describe(exc)}"
             ) from None
-        self.tmp_name = temp_name(self.name)
+        self.tmp_name = temp_name(self.name, self.dir_fd)
         self.lock_fd: int | None = None
 
     def close(self) -> None:
@@ -1173,12 +1210,14 @@ class Destination:
         placed: list[tuple[str, str, bool]] = []
         try:
             for tmp, name in ((self.tmp_name, self.name), *companions):
-                placed.append((tmp, name, put_in_place(self.dir_fd, tmp, name)))
+                placed.append((tmp, name, put_in_place(self.dir_fd, tmp, name, self.replace)))
             os.fsync(self.dir_fd)
-        except BaseException:
+        except BaseException as exc:
             for tmp, name, had_old in reversed(placed):
                 with contextlib.suppress(OSError):
                     take_back(self.dir_fd, tmp, name, had_old)
+            if isinstance(exc, FileExistsError):
+                raise self.exists_already(posixpath.join(self.parent, exc.filename)) from None
             raise
         for tmp, _, had_old in placed:
             if had_old:  # the replaced one, now under the temporary name
@@ -1193,11 +1232,26 @@ class Destination:
                 archive=self.archive, path=posixpath.join(self.parent, tmp), error=describe(exc),
             )  # fmt: skip
 
+    def exists_already(self, path: str) -> ArchiveError:
+        return ArchiveError(f"{path} exists already: an archive-to with {{time}} never "
+                            "replaces an archive (another run in the same microsecond?)")  # fmt: skip
+
+    def check_companion(self, suffix: str) -> None:
+        """Fail before writing anything if `<archive-to><suffix>` is a name too long."""
+        if len(os.fsencode(self.name + suffix)) > name_max(self.dir_fd):
+            raise ArchiveError(
+                f"archive-to {self.path}: its name is too long for the {suffix} file that goes "
+                f"beside it (at most {name_max(self.dir_fd) - len(suffix)} bytes)"
+            )
+
     def check_kind(self, is_dir: bool) -> None:
-        """Fail before writing anything if archive-to is of the other kind."""
+        """Fail before writing anything if archive-to is of the other kind, or there at all
+        when it must not be replaced."""
         old = self.existing()
         if old is None:
             return
+        if not self.replace:
+            raise self.exists_already(posixpath.join(self.parent, self.name))
         if is_dir and not stat.S_ISDIR(old.st_mode):
             raise ArchiveError(f"archive-to {self.path} exists and is not a directory")
         if not is_dir and stat.S_ISDIR(old.st_mode):
@@ -1224,14 +1278,15 @@ def clear_inherited(fd: int) -> None:
     os.fchmod(fd, 0o700)
 
 
-def put_in_place(dir_fd: int, tmp: str, name: str) -> bool:
-    """Rename tmp onto name; True if an old `name` was there: it is now under tmp."""
+def put_in_place(dir_fd: int, tmp: str, name: str, replace: bool = True) -> bool:
+    """Rename tmp onto name; True if an old `name` was there: it is now under tmp.
+    Without `replace`, an old `name` is left alone: FileExistsError."""
     while True:
         try:
             renameat2(dir_fd, tmp, name, RENAME_NOREPLACE)
             return False
         except OSError as exc:
-            if exc.errno != errno.EEXIST:
+            if exc.errno != errno.EEXIST or not replace:
                 raise
         try:
             renameat2(dir_fd, tmp, name, RENAME_EXCHANGE)
@@ -1250,7 +1305,7 @@ def take_back(dir_fd: int, tmp: str, name: str, had_old: bool) -> None:
 
 def write_temp_file(dir_fd: int, name: str, data: bytes) -> str:
     """A small file written whole and fsync'd under a temporary name beside `name`."""
-    tmp = temp_name(name)
+    tmp = temp_name(name, dir_fd)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
     try:
@@ -2605,6 +2660,11 @@ MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
+BASE_DIGEST = "org.opencontainers.image.base.digest"
+BASE_NAME = "org.opencontainers.image.base.name"
+# On a revision's manifest and its index.json descriptor: who committed it.
+COMMITTED_BY_CONTAINER = ANNOTATION_PREFIX + "container"
+COMMITTED_BY_ARCHIVE = ANNOTATION_PREFIX + "archive"
 LAYOUT_FILE, INDEX_FILE, LOCK_FILE = "oci-layout", "index.json", "index.lock"
 BLOB_TMP = "blob"  # blobs' temporaries: .blob.archive_overlay-tmp-<pid>-<random> in the layout
 MAX_JSON_BLOB = 4 << 20  # image-spec: registries may refuse manifests over 4 MiB
@@ -2799,7 +2859,7 @@ class Layout:
         """A large blob written by `write` (which sets stats.descriptor) to a locked
         temporary, fsync'd, then kept under its digest in blobs/sha256."""
         blobs_fd = self.open_blobs()
-        tmp = temp_name(BLOB_TMP)
+        tmp = temp_name(BLOB_TMP, self.fd)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o644, dir_fd=self.fd)
         try:
@@ -2834,8 +2894,23 @@ def canonical_json(value: dict) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def find_base(layout: Layout, index: dict, archive: Archive) -> Base | None:
-    """image-base (a ref name or a manifest digest), else what image-tag names now."""
+def committed_by(archive: Archive, info: RunInfo) -> dict[str, str]:
+    """The annotations naming the container and the archive that commit a revision."""
+    if info.container_id is None:
+        return {}
+    return {COMMITTED_BY_CONTAINER: info.container_id, COMMITTED_BY_ARCHIVE: archive.name}
+
+
+def find_base(layout: Layout, index: dict, archive: Archive,
+              origin: dict[str, str] | None = None) -> Base | None:  # fmt: skip
+    """image-base (a ref name or a manifest digest); else, when this container committed
+    this archive here before (`origin`: see committed_by), the base of that commit: a
+    container that stops again keeps its upperdir, relative to that base; else what
+    image-tag names now."""
+    earlier = [d for d in index["manifests"]
+               if origin and origin.items() <= d.get("annotations", {}).items()]  # fmt: skip
+    if earlier and not archive.image_base:
+        return base_of_earlier_commit(layout, earlier[-1]["digest"])
     wanted = archive.image_base or archive.image_tag
     if DIGEST_RE.fullmatch(wanted):
         digest, name = wanted, None
@@ -2850,6 +2925,29 @@ def find_base(layout: Layout, index: dict, archive: Archive) -> Base | None:
         if named[-1].get("mediaType", MANIFEST_MEDIA_TYPE) != MANIFEST_MEDIA_TYPE:
             raise ArchiveError(f"{wanted!r} in {layout.path} is not an image manifest")
         digest, name = named[-1]["digest"], wanted
+    return load_base(layout, digest, name)
+
+
+def base_of_earlier_commit(layout: Layout, earlier: str) -> Base | None:
+    """The base recorded in the manifest of this container's earlier commit (none for a
+    first revision); it must still be in the layout."""
+    annotations = layout.read_blob(earlier, "this container's earlier commit").get("annotations")
+    annotations = annotations if isinstance(annotations, dict) else {}
+    digest, name = annotations.get(BASE_DIGEST), annotations.get(BASE_NAME)
+    if digest is None:
+        return None
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise ArchiveError(f"this container's earlier commit {earlier}: bad {BASE_DIGEST}")
+    if lstat_at(layout.open_blobs(), digest.removeprefix("sha256:")) is None:
+        raise ArchiveError(
+            f"{digest}, the base of this container's earlier commit {earlier}, is no longer in "
+            f"{layout.path}: name the revision its upperdir goes on with image-base"
+        )
+    return load_base(layout, digest, name if isinstance(name, str) else None)
+
+
+def load_base(layout: Layout, digest: str, name: str | None) -> Base:
+    """A base revision's manifest and config, read and checked."""
     manifest = layout.read_blob(digest, "base manifest")
     check_manifest(manifest, digest)
     config = layout.read_blob(manifest["config"]["digest"], "base config")
@@ -2926,31 +3024,61 @@ def layer_entries(history: list) -> list[int]:
     return [i for i, e in enumerate(history) if not (isinstance(e, dict) and e.get("empty_layer"))]
 
 
-def new_manifest(base: Base | None, layers: list[dict], config: dict, info: RunInfo) -> dict:
-    annotations = {"org.opencontainers.image.created": info.created}
+def new_manifest(base: Base | None, layers: list[dict], config: dict, info: RunInfo,
+                 origin: dict[str, str] | None = None) -> dict:  # fmt: skip
+    annotations = {"org.opencontainers.image.created": info.created, **(origin or {})}
     if base is not None:
         annotations[BASE_DIGEST] = base.digest
         if base.name is not None:
-            annotations["org.opencontainers.image.base.name"] = base.name
+            annotations[BASE_NAME] = base.name
     return {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE, "config": config,
             "layers": layers, "annotations": annotations}  # fmt: skip
 
 
-def tag_revision(layout: Layout, manifest: dict, tag: str, keep: int | None) -> None:
-    """index.json with the new manifest named `tag`; its former holder kept, unnamed,
-    unless image-keep leaves it out (see Collecting a layout)."""
+def tag_revision(layout: Layout, manifest: dict, tag: str, origin: dict[str, str] | None = None,
+                 move: bool = True, keep: int | None = None) -> None:  # fmt: skip
+    """index.json with the new manifest named `tag` (and annotated with `origin`); its
+    former holder kept, unnamed, with its other annotations, unless image-keep leaves it
+    out (see Collecting a layout).  Without `move`, a tag held already fails the commit."""
     with layout.locked():
         index = layout.read_index()
+        if not move:
+            check_tag_free(layout, index, tag)
         for descriptor in index["manifests"]:
             annotations = descriptor.get("annotations")
             if isinstance(annotations, dict) and annotations.get(REF_NAME) == tag:
                 del annotations[REF_NAME]
                 if not annotations:
                     del descriptor["annotations"]
-        index["manifests"].append({**manifest, "annotations": {REF_NAME: tag}})
+        index["manifests"].append({**manifest, "annotations": {**(origin or {}), REF_NAME: tag}})
         if keep is not None:
             drop_old_revisions(layout, index, manifest["digest"], keep)
         layout.write(INDEX_FILE, index)
+
+
+def check_revision_inputs(archive: Archive, info: RunInfo) -> None:
+    """What a revision takes from its inputs, checked before its first byte is written."""
+    if not archive.image_tag:
+        raise ArchiveError(f"method {archive.method} needs an image-tag")
+    if not is_ref_name(archive.image_tag):
+        raise ArchiveError(f"image-tag {archive.image_tag!r} is not a valid ref name")
+    for what, value in (("container id", info.container_id), ("archive name", archive.name)):
+        try:
+            (value or "").encode()
+        except UnicodeEncodeError:
+            raise ArchiveError(
+                f"the {what} {value!r} is not valid UTF-8: it cannot go into the revision's "
+                "config and annotations (JSON text)"
+            ) from None
+
+
+def check_tag_free(layout: Layout, index: dict, tag: str) -> None:
+    """A tag made with {time} names one run's revision: never moved off another."""
+    if any(d.get("annotations", {}).get(REF_NAME) == tag for d in index["manifests"]):
+        raise ArchiveError(
+            f"image-tag {tag!r} names a revision in {layout.path} already: an image-tag with "
+            "{time} never moves off one (another run in the same microsecond?)"
+        )
 
 
 def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
@@ -2960,18 +3088,19 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
     From its base to index.json, the commit holds blobs/sha256 locked shared, so that
     no collector removes what it wrote or stacks on; then, with image-keep, it collects.
     """
-    if not archive.image_tag:
-        raise ArchiveError(f"method {archive.method} needs an image-tag")
-    if not is_ref_name(archive.image_tag):
-        raise ArchiveError(f"image-tag {archive.image_tag!r} is not a valid ref name")
+    check_revision_inputs(archive, info)
     create = not archive.image_base  # a named base must be there already: nothing made
     layout = Layout(archive.archive_to, allow_dirs, create)
     stats = Stats()
     max_layers = archive.max_layers or DEFAULT_MAX_LAYERS
     try:
         layout.ensure_layout(create)
+        origin = committed_by(archive, info)
         with layout.writing_blobs():
-            base = find_base(layout, layout.read_index(), archive)  # all checked before writing
+            index = layout.read_index()
+            if archive.image_tag_once:
+                check_tag_free(layout, index, archive.image_tag)
+            base = find_base(layout, index, archive, origin)  # all checked before writing
             check_room(base, max_layers)
             layout.put_layer(archive, walk(upper, excluded), upper, stats)
             assert stats.descriptor is not None
@@ -2981,10 +3110,11 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
             stats.merged = squash(layout, config, layers, archive, info, max_layers)
             compact_history(config)
             config_descriptor = layout.put_json_blob(config, CONFIG_MEDIA_TYPE)
-            manifest = new_manifest(base, layers, config_descriptor, info)
+            manifest = new_manifest(base, layers, config_descriptor, info, origin)
             stats.descriptor = layout.put_json_blob(manifest, MANIFEST_MEDIA_TYPE)
             stats.layers = len(layers)
-            tag_revision(layout, stats.descriptor, archive.image_tag, archive.keep)
+            tag_revision(layout, stats.descriptor, archive.image_tag, origin,
+                         move=not archive.image_tag_once, keep=archive.keep)  # fmt: skip
         if archive.keep is not None:
             collect(layout, archive.name)
     except OSError as exc:
@@ -3256,7 +3386,8 @@ def archive_one(archive: Archive, config: dict, bundle: str, opts: Options,
     if archive.method in IMAGE_METHODS:
         stats = write_revision(archive, upper, opts.allow_dirs, info, excluded)
     else:
-        dest = Destination(archive.archive_to, opts.allow_dirs, archive.name)
+        dest = Destination(archive.archive_to, opts.allow_dirs, archive.name,
+                           replace=not archive.archive_to_once)  # fmt: skip
         log.debug("writing to a temporary", archive=archive.name,
                   path=posixpath.join(dest.parent, dest.tmp_name))  # fmt: skip
         try:
@@ -3298,6 +3429,8 @@ def write_archive(archive: Archive, upper: Upper, dest: Destination,
                   excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
     is_dir = archive.method == "copy"
     dest.check_kind(is_dir)
+    if archive.method.startswith("oci-layer"):
+        dest.check_companion(".json")
     stats = Stats()
     companions: tuple[tuple[str, str], ...] = ()
     try:
@@ -3376,7 +3509,9 @@ def run(stdin: bytes, opts: Options) -> int:
         log.info("no archive asked for", container=state.get("id"))
         return EXIT_OK
     container_id = state.get("id")
-    info = RunInfo(container_id if isinstance(container_id, str) else None, time.gmtime())
+    now = time.time()
+    info = RunInfo(container_id if isinstance(container_id, str) else None, time.gmtime(now),
+                   int(now % 1 * 1_000_000))  # fmt: skip
     failed = 0
     for archive in archives:  # every archive is attempted, whatever the others did
         if archive.refused:
@@ -3432,7 +3567,8 @@ named by annotations {ANNOTATION_PREFIX}<NAME>.<arg>:
   exclude            absolute paths in the mount, ':' or ',' separated, left out
   image-tag          oci-image: the ref name the new revision gets (required)
   image-base         oci-image: the revision it goes on, a ref name or sha256
-                     digest (default: what image-tag names now)
+                     digest (default: the base of this container's earlier
+                     commit there, else what image-tag names now)
   image-max-layers   oci-image: at most this many layers in a revision (default
                      100); past it, the older half of the hook's own layers merge
   image-keep         oci-image: keep only the N newest revisions of the tag's chain
@@ -3441,7 +3577,8 @@ named by annotations {ANNOTATION_PREFIX}<NAME>.<arg>:
 \b
 mount-point / means the container's root filesystem (config.json root.path).
 archive-to, success and image-tag may hold {{id}} (the container's id), {{name}}
-(the archive's NAME), {{time}} (UTC, e.g. 20261127T093015Z); {{{{ and }}}} are braces.
+(the archive's NAME), {{time}} (UTC, e.g. 20261127T093015.123456Z); {{{{ and }}}}
+are braces.
 \b
 An annotation that cannot be honoured (a misspelt method or arg, a bad owner
 or level, only one of mount-point and archive-to) fails its archive.

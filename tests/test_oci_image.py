@@ -73,8 +73,10 @@ from test_safety import (
 pytestmark = requires_root
 
 REF_NAME = "org.opencontainers.image.ref.name"
+COMMITTED_BY_ID = "com.launchplatform.oci-hooks.archive-overlay.container"
+COMMITTED_BY_ARCHIVE = "com.launchplatform.oci-hooks.archive-overlay.archive"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-TIME_RE = r"\d{8}T\d{6}Z"
+TIME_RE = r"\d{8}T\d{6}\.\d{6}Z"
 
 
 # --- the hook on a hand-made overlay ------------------------------------------------------
@@ -245,7 +247,15 @@ def test_revisions_stack_and_the_old_tag_holder_stays(hook_bin, make_overlay, tm
             previous = read_json_blob(layout, digests[-2])
             assert manifest["layers"][:-1] == previous["layers"]
         else:
-            assert set(annotations) == {"org.opencontainers.image.created"}
+            assert set(annotations) == {"org.opencontainers.image.created", COMMITTED_BY_ID,
+                                        COMMITTED_BY_ARCHIVE}  # fmt: skip
+        origin = (annotations[COMMITTED_BY_ID], annotations[COMMITTED_BY_ARCHIVE])
+        assert origin == (f"run{i}", "data"), annotations
+        assert {REF_NAME: "data", COMMITTED_BY_ID: f"run{i}", COMMITTED_BY_ARCHIVE: "data"} == (
+            index["manifests"][-1]["annotations"])  # fmt: skip
+        if i:  # the tag moved off the former holder; who committed it stays
+            assert index["manifests"][-2]["annotations"] == {COMMITTED_BY_ID: f"run{i - 1}",
+                                                             COMMITTED_BY_ARCHIVE: "data"}  # fmt: skip
     run_tool(["umoci", "gc", "--layout", str(layout)])  # earlier revisions are referenced
     assert [d["digest"] for d in check_layout(layout)["manifests"]] == digests
     # image-base by digest: a branch from revision 1, tagged apart
@@ -403,7 +413,9 @@ def test_sigkill_while_creating_the_layout(hook_bin, make_overlay, tmp_path, whe
 
 
 def layout_with_revision(hook_bin: Path, tmp_path: Path, ovl: Overlay, layout: Path) -> None:
-    run = hook(hook_bin, image_state(tmp_path, ovl, {"data": image_args(layout)}))
+    """A first revision, committed by another container than the tests' next run."""
+    state = image_state(tmp_path, ovl, {"data": image_args(layout)}, container="earlier")
+    run = hook(hook_bin, state)
     assert run.returncode == 0, run.log
 
 
