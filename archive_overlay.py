@@ -2207,7 +2207,7 @@ class TarReader:
                     raise ValueError("a header is cut short")
                 return None
             fields = USTAR.unpack(block)
-            if tar_number(fields[6]) not in header_sums(block):
+            if not checksum_matches(block, tar_number(fields[6])):
                 raise ValueError("a header's checksum is wrong")
             typeflag, size = fields[7], tar_number(fields[4])
             if typeflag not in HEADER_ONLY_TYPES:
@@ -2280,13 +2280,14 @@ class TarReader:
             sink.write(bytes(-size % BLOCK))
 
 
-def header_sums(block: bytes) -> tuple[int, int]:
+def checksum_matches(block: bytes, stored: int) -> bool:
     """A header's checksum as writers compute it: the bytes' sum with the checksum field
-    as spaces, unsigned (POSIX) or signed (some old tars)."""
-    field = block[148:156]
-    unsigned = byte_sum(block) - sum(field) + 8 * 32
-    signed = unsigned - 256 * sum(1 for b in block if b > 127)
-    return unsigned, signed
+    as spaces, unsigned (POSIX) or, from some old tars, signed."""
+    unsigned = byte_sum(block) - sum(block[148:156]) + 8 * 32
+    if stored == unsigned:
+        return True
+    high = sum(1 for i, b in enumerate(block) if b > 127 and not 148 <= i < 156)
+    return stored == unsigned - 256 * high
 
 
 class HashingReader(io.RawIOBase):
