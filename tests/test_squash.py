@@ -35,6 +35,7 @@ pytestmark = requires_root
 
 DRIVER = Path(__file__).resolve().parent / "squash_driver.py"
 REF_NAME = "org.opencontainers.image.ref.name"
+TMP_MARK = ".archive_overlay-tmp-"
 NOT_LISTED_XATTRS = ("trusted.overlay.", "security.")  # an overlay's own, the host's labels
 
 # The data image: (path, content), None for a directory; then hardlinks.
@@ -632,3 +633,39 @@ def test_layers_gnu_tar_and_bsdtar_wrote_merge_too(chain, podman, compression) -
     )
     assert frozenset({"hl", "l" * 120}) in view.links
     assert view.entries["ns"][2] == 1012615322123456789 and view.entries["fifo"][0][0] == "p"
+
+
+# --- temporaries ------------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_merge_leaves_only_a_stale_temporary_the_sweep_removes(chain) -> None:
+    """The index lives in a flock'ed temporary in the layout's top directory: while the
+    merge runs it is there (and live: not stale); killed, it is stale and the sweep of
+    stale temporaries removes it.  blobs/sha256 never holds anything but digests."""
+    import signal
+    import time
+
+    chain.commit("mkdir many; cd many; seq 1 20000 | sed 's/^/file-/' | xargs touch")
+    chain.commit("cd many; seq 1 3 20000 | sed 's/^/file-/' | xargs rm")
+    python = str(chain.hook_bin.parent / "python")
+    proc = subprocess.Popen([python, str(DRIVER), str(chain.layout), chain.tags[-1], "base",
+                             "squashed"], stdout=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    index = []
+    while not index and proc.poll() is None and time.monotonic() < deadline:
+        index = [p for p in chain.layout.iterdir() if p.name.startswith(".merge-index")]
+        time.sleep(0.01)
+    assert index, "no index temporary seen in the layout's top directory"
+    proc.send_signal(signal.SIGSTOP)  # mid-merge, held there
+    sweep = ("import os, sys, archive_overlay as ao; fd = os.open(sys.argv[1], os.O_RDONLY);"
+             " ao.remove_stale_temporaries(fd, None, sys.argv[1])")  # fmt: skip
+    run([python, "-c", sweep, str(chain.layout)])
+    assert index[0].exists(), "the sweep took a live merge's index"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert index[0].exists()
+    blobs = [p.name for p in (chain.layout / "blobs" / "sha256").iterdir()]
+    assert all(len(n) == 64 for n in blobs), blobs
+    run([python, "-c", sweep, str(chain.layout)])
+    left = [p.name for p in chain.layout.iterdir() if p.name.startswith(".merge-index")]
+    assert left == [], f"stale index temporaries not swept: {left}"
