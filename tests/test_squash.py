@@ -498,11 +498,14 @@ def gzipped(data: bytes) -> bytes:
     return gzip.compress(data, mtime=0)
 
 
-@pytest.mark.parametrize("case", ["truncated", "corrupt", "digest", "hardlink", "media-type"])
+@pytest.mark.parametrize(
+    "case", ["truncated", "corrupt", "digest", "hardlink", "hardlink-below", "media-type"]
+)
 def test_bad_layer_fails_with_one_line_naming_layer_and_entry(chain, case) -> None:
     files = [member("./", b""), member("./a", b"a" * 100_000), member("./b", b"b" * 10)]
     files[0][0].type = tarfile.DIRTYPE
-    tar = tar_layer(files + [member("./c", link="./nowhere" if case == "hardlink" else "./a")])
+    target = {"hardlink": "./nowhere", "hardlink-below": "./base-file"}.get(case, "./a")
+    tar = tar_layer(files + [member("./c", link=target)])
     blob, media_type = gzipped(tar), GZIP_LAYER
     if case == "truncated":
         blob = blob[: len(blob) // 2]
@@ -526,6 +529,7 @@ def test_bad_layer_fails_with_one_line_naming_layer_and_entry(chain, case) -> No
     expected = {
         "truncated": "is corrupt or truncated at member ./", "corrupt": "is corrupt or truncated",
         "digest": "does not match its digest", "hardlink": "member ./c is a hardlink to nowhere",
+        "hardlink-below": "member ./c is a hardlink to base-file, which no merged layer has",
         "media-type": "tar+bzip2",
     }[case]  # fmt: skip
     assert expected in lines[0], lines[0]
