@@ -2162,7 +2162,8 @@ class TarReader:
     umoci's reader): ustar headers with PAX and GNU long-name headers; each member's
     data read or skipped.  The stream may end after the last member's data, without
     padding or end-of-archive blocks (umoci 0.4.7 writes such layers).  Hand-written
-    rather than tarfile's: that parses each header field in Python and is 3x slower."""
+    rather than tarfile's, which parses each header field in Python: with it a merge of
+    100 layers took 1.6 times the CPU (README, Merging layers)."""
 
     def __init__(self, stream: BinaryIO, digest: str) -> None:
         self.stream = stream
