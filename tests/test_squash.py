@@ -35,6 +35,7 @@ pytestmark = requires_root
 
 DRIVER = Path(__file__).resolve().parent / "squash_driver.py"
 REF_NAME = "org.opencontainers.image.ref.name"
+TMP_MARK = ".archive_overlay-tmp-"
 NOT_LISTED_XATTRS = ("trusted.overlay.", "security.")  # an overlay's own, the host's labels
 
 # The data image: (path, content), None for a directory; then hardlinks.
@@ -497,11 +498,14 @@ def gzipped(data: bytes) -> bytes:
     return gzip.compress(data, mtime=0)
 
 
-@pytest.mark.parametrize("case", ["truncated", "corrupt", "digest", "hardlink", "media-type"])
+@pytest.mark.parametrize(
+    "case", ["truncated", "corrupt", "digest", "hardlink", "hardlink-below", "media-type"]
+)
 def test_bad_layer_fails_with_one_line_naming_layer_and_entry(chain, case) -> None:
     files = [member("./", b""), member("./a", b"a" * 100_000), member("./b", b"b" * 10)]
     files[0][0].type = tarfile.DIRTYPE
-    tar = tar_layer(files + [member("./c", link="./nowhere" if case == "hardlink" else "./a")])
+    target = {"hardlink": "./nowhere", "hardlink-below": "./base-file"}.get(case, "./a")
+    tar = tar_layer(files + [member("./c", link=target)])
     blob, media_type = gzipped(tar), GZIP_LAYER
     if case == "truncated":
         blob = blob[: len(blob) // 2]
@@ -525,8 +529,147 @@ def test_bad_layer_fails_with_one_line_naming_layer_and_entry(chain, case) -> No
     expected = {
         "truncated": "is corrupt or truncated at member ./", "corrupt": "is corrupt or truncated",
         "digest": "does not match its digest", "hardlink": "member ./c is a hardlink to nowhere",
+        "hardlink-below": "member ./c is a hardlink to base-file, which no merged layer has",
         "media-type": "tar+bzip2",
     }[case]  # fmt: skip
     assert expected in lines[0], lines[0]
     assert sorted(p.name for p in (chain.layout / "blobs" / "sha256").iterdir()) == before
     check_no_temporaries(chain.layout)
+
+
+# --- layers other tools wrote: GNU tar, bsdtar; plain, gzip and zstd --------------------------------
+
+LAYER_MEDIA_TYPES = {
+    "tar": "application/vnd.oci.image.layer.v1.tar",
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+    "docker": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+}
+
+
+def add_tar_layer(chain: Chain, tar: bytes, compression: str) -> None:
+    """The next revision: the last one plus this tar (compressed by gzip or zstd) on top."""
+    compress = {"tar": None, "gzip": ["gzip", "-n"], "docker": ["gzip", "-n"], "zstd": ["zstd"]}
+    blob = tar
+    if compress[compression]:
+        blob = subprocess.run(compress[compression], input=tar, capture_output=True,
+                              check=True).stdout  # fmt: skip
+    blobs = chain.layout / "blobs" / "sha256"
+    digest = hashlib.sha256(blob).hexdigest()
+    (blobs / digest).write_bytes(blob)
+    index = json.loads((chain.layout / "index.json").read_text())
+    entry = next(m for m in index["manifests"] if m["annotations"].get(REF_NAME) == chain.tags[-1])
+    manifest = json.loads((blobs / entry["digest"].removeprefix("sha256:")).read_text())
+    config = json.loads((blobs / manifest["config"]["digest"].removeprefix("sha256:")).read_text())
+    config["rootfs"]["diff_ids"].append("sha256:" + hashlib.sha256(tar).hexdigest())
+    config.setdefault("history", []).append({"created_by": f"test: a {compression} layer"})
+    data = json.dumps(config).encode()
+    (blobs / hashlib.sha256(data).hexdigest()).write_bytes(data)
+    manifest["config"].update(digest="sha256:" + hashlib.sha256(data).hexdigest(), size=len(data))
+    manifest["layers"].append({"mediaType": LAYER_MEDIA_TYPES[compression],
+                               "digest": "sha256:" + digest, "size": len(blob)})  # fmt: skip
+    data = json.dumps(manifest).encode()
+    (blobs / hashlib.sha256(data).hexdigest()).write_bytes(data)
+    tag = f"r{len(chain.tags)}"
+    index["manifests"].append({"mediaType": entry["mediaType"], "size": len(data),
+                               "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+                               "annotations": {REF_NAME: tag}})  # fmt: skip
+    (chain.layout / "index.json").write_text(json.dumps(index))
+    chain.tags.append(tag)
+
+
+def tar_of(chain: Chain, name: str, script: str, tar_cmd: list[str]) -> bytes:
+    """A directory made by `script` (sh), archived by tar_cmd (run in it, writing to stdout)."""
+    src = chain.root / f"src-{name}"
+    src.mkdir()
+    run(["sh", "-c", 'set -e\ncd "$1"\n' + script, "sh", str(src)])
+    return subprocess.run(tar_cmd, cwd=src, capture_output=True, check=True).stdout
+
+
+LONG = "long-" + "x" * 110
+FOREIGN_A = f"""
+mkdir -p {LONG} base-dir; echo in a long dir > {LONG}/file
+ln -s {"t" * 150} longsym; echo one > hl; ln hl {"l" * 120}
+echo rewritten > base-dir/a; echo big ids > big-ids; chown 3000000:3000001 big-ids
+touch -d '2001-01-01 00:00:00' base-dir
+"""
+FOREIGN_B = f"""
+mkdir -p {"p" * 60}/{"q" * 60} base-dir; echo split by ustar > {"p" * 60}/{"q" * 60}/file
+touch .wh.longsym base-dir/.wh.b; echo plain > plain
+"""
+FOREIGN_C = f"""
+touch .wh.{LONG}
+mkdir redo; touch redo/.wh..wh..opq; echo new > redo/new; mkfifo fifo
+echo ns > ns; touch -d '2002-02-02 02:02:02.123456789' ns; setfattr -n user.x -v y ns
+"""
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_layers_gnu_tar_and_bsdtar_wrote_merge_too(chain, podman, compression) -> None:
+    """GNU tar's long names (L, K) and base-256 ids, ustar's prefix, bsdtar's PAX; plain,
+    gzip, Docker and zstd layers; the merged layer compressed with gzip or zstd."""
+    require_tools("bsdtar")
+    gnu = ["tar", "--format=gnu", "--numeric-owner", "-cf", "-", "."]
+    ustar = ["tar", "--format=ustar", "--numeric-owner", "-cf", "-", "."]
+    pax = ["bsdtar", "--format=pax", "--numeric-owner", "--xattrs", "-cf", "-", "."]
+    first = "docker" if compression == "zstd" else "gzip"  # umoci 0.4.7 takes no Docker type
+    add_tar_layer(chain, tar_of(chain, "a", FOREIGN_A, gnu), first)
+    add_tar_layer(chain, tar_of(chain, "b", FOREIGN_B, ustar), "tar")
+    add_tar_layer(chain, tar_of(chain, "c", FOREIGN_C, pax), compression)
+    result = chain.squash(zstd=compression == "zstd")
+    assert result["descriptor"]["mediaType"] == LAYER_MEDIA_TYPES[compression]
+    names = check_members(chain.members(result["descriptor"]))
+    assert "base-dir/.wh.b" in names, names  # the data image has base-dir/b
+    assert f".wh.{LONG}" not in names and ".wh.longsym" not in names, names  # never below
+    assert "redo/.wh..wh..opq" in names, names
+    views = [podman_view(podman, chain.layout, tag) for tag in (chain.tags[-1], "squashed")]
+    if compression == "gzip":  # umoci 0.4.7 reads no zstd layer
+        views += [chain.umoci_view(tag) for tag in (chain.tags[-1], "squashed")]
+    for chain_view, squashed_view in zip(views[::2], views[1::2]):
+        assert_same(chain_view, squashed_view, "podman or umoci")
+    view = views[0]
+    assert view.entries[f"{'p' * 60}/{'q' * 60}/file"][3] == len("split by ustar\n")
+    assert view.entries["big-ids"][1] == "3000000:3000001"
+    assert (
+        LONG not in view.entries
+        and "longsym" not in view.entries
+        and "redo/old" not in view.entries
+    )
+    assert frozenset({"hl", "l" * 120}) in view.links
+    assert view.entries["ns"][2] == 1012615322123456789 and view.entries["fifo"][0][0] == "p"
+
+
+# --- temporaries ------------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_merge_leaves_only_a_stale_temporary_the_sweep_removes(chain) -> None:
+    """The index lives in a flock'ed temporary in the layout's top directory: while the
+    merge runs it is there (and live: not stale); killed, it is stale and the sweep of
+    stale temporaries removes it.  blobs/sha256 never holds anything but digests."""
+    import signal
+    import time
+
+    chain.commit("mkdir many; cd many; seq 1 20000 | sed 's/^/file-/' | xargs touch")
+    chain.commit("cd many; seq 1 3 20000 | sed 's/^/file-/' | xargs rm")
+    python = str(chain.hook_bin.parent / "python")
+    proc = subprocess.Popen([python, str(DRIVER), str(chain.layout), chain.tags[-1], "base",
+                             "squashed"], stdout=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    index = []
+    while not index and proc.poll() is None and time.monotonic() < deadline:
+        index = [p for p in chain.layout.iterdir() if p.name.startswith(".merge-index")]
+        time.sleep(0.01)
+    assert index, "no index temporary seen in the layout's top directory"
+    proc.send_signal(signal.SIGSTOP)  # mid-merge, held there
+    sweep = ("import os, sys, archive_overlay as ao; fd = os.open(sys.argv[1], os.O_RDONLY);"
+             " ao.remove_stale_temporaries(fd, None, sys.argv[1])")  # fmt: skip
+    run([python, "-c", sweep, str(chain.layout)])
+    assert index[0].exists(), "the sweep took a live merge's index"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert index[0].exists()
+    blobs = [p.name for p in (chain.layout / "blobs" / "sha256").iterdir()]
+    assert all(len(n) == 64 for n in blobs), blobs
+    run([python, "-c", sweep, str(chain.layout)])
+    left = [p.name for p in chain.layout.iterdir() if p.name.startswith(".merge-index")]
+    assert left == [], f"stale index temporaries not swept: {left}"
