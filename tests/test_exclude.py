@@ -253,6 +253,7 @@ def check_archives(out: Path, log: str, seen: Tree, image: Path, work: Path, pod
         names = {n.removeprefix("./").rstrip("/") for n in raw_member_names(out / archive, method)}
         assert not names & (stored | marks), f"{archive}: {sorted(names & (stored | marks))}{diag}"
         assert "usr/lib/kept.so" in names and "mylib" in names, f"{archive}: {names}{diag}"
+    assert "conf/.wh..wh..opq" in names, f"the layer lost /conf's opacity: {names}{diag}"
     # Stacked on the image: the container's view, with the image's /gone back.
     expected = without(seen, PODMAN_EXCLUDE + STORED)
     layout = work / "oci"
