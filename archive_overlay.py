@@ -940,10 +940,9 @@ def container_paths(excluded: frozenset[bytes], upper: Upper, archive: Archive) 
         shown = "/" + os.fsdecode(rel)
         path, seen = container.resolve(rel)
         in_image = image.resolve(path) == (path, True)
-        if not seen and not in_image:
-            path, in_image = image.resolve(rel)  # deleted: the image's view of it
-        if not path:
-            raise ArchiveError(f"exclude path {shown} is / in the container: nothing to archive")
+        if not seen and not in_image:  # deleted: the image's view of it
+            deleted, in_image = image.resolve(rel)
+            path = deleted if in_image else path
         if not seen and not in_image:
             log.warning("exclude path matches nothing in the container's view",
                         archive=archive.name, exclude=shown)  # fmt: skip
