@@ -36,12 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import archive_annotations, state_json
+from conftest import archive_annotations, is_root, state_json, write_bundle
 from engines import (
     FUSE_OVERLAYFS,
     Podman,
     build_oci_image,
     remove_tree,
+    require,
     run,
     scratch_dir,
 )
@@ -274,3 +275,48 @@ def check_archives(out: Path, log: str, seen: Tree, image: Path, work: Path, pod
     got = parse_listing(proc.stdout.removeprefix("x\n"))
     assert not {"run/token", "usr/lib/secret.so", "usr/lib/via.so"} & got.items.keys(), diag
     assert_same_tree(expected, without(got, PODMAN_EXCLUDE + STORED), f"podman's {tag}", diag)
+
+
+# --- resolution details, on an overlay mounted here -----------------------------------------
+
+
+def test_exclude_resolution_on_an_overlay(make_overlay, run_hook, tmp_path: Path) -> None:
+    """Absolute and relative (`..`) symlinks of the image, a loop, a named symlink, a path the
+    container deleted through a symlink, and a directory the container replaced with a file."""
+    require(is_root(), "needs root: mounts overlayfs")
+    ovl = make_overlay("ex")
+    lower = ovl.lower
+    for d in ("usr/lib", "etc", "d/sub", "conf"):
+        (lower / d).mkdir(parents=True)
+    (lower / "lib").symlink_to("usr/lib")
+    (lower / "etc/alt").symlink_to("/usr/lib")
+    (lower / "d/sub/up").symlink_to("../..")
+    (lower / "loop1").symlink_to("loop2")
+    (lower / "loop2").symlink_to("loop1")
+    (lower / "usr/lib/old.so").write_text("old\n")
+    (lower / "conf/settings").write_text("image\n")
+    ovl.mount()
+    m = ovl.merged
+    for name in ("a", "b", "c"):
+        (m / "lib" / name).write_text(f"{name}\n")
+    (m / "lib/old.so").unlink()
+    shutil.rmtree(m / "conf")
+    (m / "conf").write_text("now a file\n")
+    out = tmp_path / "out"
+    exclude = "/etc/alt/a:/d/sub/up/lib/b:/loop1/x:/lib:/lib/old.so"
+    annotations = {
+        **archive_annotations("tar", mount_point="/data", archive_to=str(out / "t.tar"),
+                              method="tar", exclude=exclude),
+        **archive_annotations("file", mount_point="/data", archive_to=str(out / "f.tar.gz"),
+                              method="oci-layer", exclude="/conf/settings"),
+    }  # fmt: skip
+    bundle = write_bundle(tmp_path / "bundle", [ovl.mount_entry()], annotations)
+    result = run_hook(state_json(bundle))
+    log = result.stderr.decode()
+    assert result.returncode == 1, log
+    names = {n.removeprefix("./").rstrip("/") for n in raw_member_names(out / "t.tar", "tar")}
+    assert names == {"", "usr", "usr/lib", "usr/lib/c", "conf"}, f"{sorted(names)}\n{log}"
+    warned = re.findall(r'event="exclude path matches nothing[^"]*" archive=tar exclude=(\S+)', log)
+    assert warned == ["/loop1/x"], log
+    assert "exclude path /conf/settings is in /conf, which the container deleted or replaced" in log
+    assert not (out / "f.tar.gz").exists(), log
