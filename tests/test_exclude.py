@@ -331,9 +331,10 @@ def test_exclude_resolution_on_an_overlay(make_overlay, run_hook, tmp_path: Path
                               method="oci-layer", exclude="/conf/settings"),
     }  # fmt: skip
     bundle = write_bundle(tmp_path / "bundle", [ovl.mount_entry()], annotations)
-    result = run_hook(state_json(bundle))
+    result = run_hook(state_json(bundle), "--log-level=debug")
     log = result.stderr.decode()
     assert result.returncode == 1, log
+    assert 'event="exclude path resolved" archive=tar exclude=/etc/alt/a path=/usr/lib/a' in log
     names = {n.removeprefix("./").rstrip("/") for n in raw_member_names(out / "t.tar", "tar")}
     assert names == {"", "usr", "usr/lib", "usr/lib/c", "conf"}, f"{sorted(names)}\n{log}"
     warned = re.findall(r'event="exclude path matches nothing[^"]*" archive=tar exclude=(\S+)', log)
