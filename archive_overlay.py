@@ -855,7 +855,7 @@ class View:
             path = d + b"/" + name
             st = lstat_or_none(path)
             if st is None:
-                if self.upper.fuse and lstat_or_none(d + b"/" + WHITEOUT_PREFIX + name):
+                if self.upper.fuse and lstat_or_none(d + b"/" + WHITEOUT_PREFIX + name) is not None:
                     break  # fuse-overlayfs's whiteout file
                 continue
             if is_whiteout_stat(st) or (found and not stat.S_ISDIR(st.st_mode)):
@@ -1015,7 +1015,7 @@ class Entry:
 
     @property
     def is_whiteout(self) -> bool:
-        return stat.S_ISCHR(self.st.st_mode) and self.st.st_rdev == 0
+        return is_whiteout_stat(self.st)
 
 
 def read_xattrs(path: bytes) -> dict[str, bytes]:
