@@ -1058,7 +1058,8 @@ def read_entry(upper: Upper, dir_fd: int, name: bytes, rel: bytes, depth: int,
 
 def walk(upper: Upper, excluded: frozenset[bytes] = frozenset()) -> Iterator[Entry]:
     """Every entry of the upperdir, depth first, each directory before its children;
-    not the excluded paths, nor anything under them (no whiteout is made for them).
+    not the excluded paths, nor anything under them, nor fuse-overlayfs's .wh.<name> file
+    of one (no marker is kept or made for them).
 
     One directory fd is open per level: each entry is read (and must be used
     by the caller) before the walk moves on.
