@@ -901,11 +901,14 @@ class View:
 
 
 def lstat_or_none(path: bytes) -> os.stat_result | None:
+    """None for a path that is not there, or that no file can have (a NUL, too long a name)."""
     try:
         return os.stat(path, follow_symlinks=False)
-    except (FileNotFoundError, NotADirectoryError):
+    except ValueError:
         return None
     except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            return None
         raise ArchiveError(f"cannot read {os.fsdecode(path)}: {exc.strerror}") from None
 
 
