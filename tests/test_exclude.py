@@ -47,7 +47,7 @@ from engines import (
     run,
     scratch_dir,
 )
-from test_archive import raw_member_names
+from test_archive import raw_member_names, read_members
 from test_oci_layer import (
     Tree,
     assert_same_tree,
@@ -267,6 +267,9 @@ def check_archives(out: Path, log: str, seen: Tree, image: Path, work: Path, pod
     # tar keeps the overlay's markers as they are, the excluded path left out.
     redo = {n.removeprefix("./").rstrip("/") for n in raw_member_names(out / "redo.tar", "tar")}
     assert "conf" in redo and "conf/added" in redo and "conf/settings" not in redo, diag
+    conf = next(m for m in read_members(out / "redo.tar", "tar") if m.name.strip("./") == "conf")
+    opaque = [k for k, v in conf.pax_headers.items() if k.endswith("overlay.opaque") and v == "y"]
+    assert opaque or "conf/.wh..wh..opq" in redo, f"tar lost /conf's marker: {redo}{diag}"
     # No excluded path, and no marker of one, in tar or in the layer.
     stored = {p.lstrip("/") for p in STORED}
     marks = {f"{d}/.wh.{n}".lstrip("/") for d, _, n in (p.rpartition("/") for p in STORED)}
