@@ -582,10 +582,12 @@ ESCAPED = "overlay."
 class Upper:
     """An upperdir and the xattr namespaces its overlay keeps markers in."""
 
-    def __init__(self, path: str, marker_prefixes: tuple[str, ...], fuse: bool = False) -> None:
+    def __init__(self, path: str, marker_prefixes: tuple[str, ...], fuse: bool = False,
+                 lowers: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.path = path
         self.marker_prefixes = marker_prefixes  # e.g. ("trusted.overlay.",)
         self.fuse = fuse  # fuse-overlayfs: its .wh.* files are markers too
+        self.lowers = lowers  # the image's layers under it, topmost first
 
     def marker(self, xattr: str) -> str | None:
         """The overlay marker an xattr is ("opaque", "redirect", ...), None for user data.
@@ -625,7 +627,23 @@ def upper_from_options(options: list[str], fuse: bool) -> Upper | None:
         prefixes = ("user.overlay.",)
     else:
         prefixes = ("trusted.overlay.",)
-    return Upper(opts["upperdir"], prefixes, fuse)
+    return Upper(opts["upperdir"], prefixes, fuse, lower_dirs(options, opts["upperdir"]))
+
+
+def lower_dirs(options: list[str], upperdir: str) -> tuple[str, ...]:
+    """The lower layers, topmost first: `lowerdir=A:B` (`\\:` a colon in a name) or one
+    `lowerdir+=A` per layer.  A relative one is containers-storage's `l/<link>`, relative
+    to its overlay directory (it mounts from there when the options are long), which
+    holds the upperdir's layer."""
+    lowers: list[str] = []
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "lowerdir":
+            lowers += [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", value) if p]
+        elif key == "lowerdir+" and value:
+            lowers.append(value)
+    store = posixpath.dirname(posixpath.dirname(upperdir))
+    return tuple(p if p.startswith("/") else posixpath.join(store, p) for p in lowers)
 
 
 def find_mount(mounts: object, mount_point: str) -> dict:
@@ -784,10 +802,10 @@ def storage_layer_upper(root_path: str) -> Upper | None:
     """The `diff` of the containers-storage overlay layer whose `merged` is root_path.
 
     A container's layer is a directory holding `diff` (the upperdir), `link`
-    and `lower`; `merged` is gone once unmounted.  The store's
-    `.has-mount-program` says whether fuse-overlayfs wrote it; otherwise, as
-    containers-storage does, a store used from a user namespace (rootless)
-    marks with user.overlay.* (`userxattr`).
+    and `lower` (its image's layers, `l/<link>` relative to the store's overlay
+    directory); `merged` is gone once unmounted.  The markers' namespace is the
+    store's, not that of the user namespace the hook runs in (root may archive
+    a rootless user's layer): see store_markers.
     """
     layer, name = posixpath.split(root_path)
     diff = posixpath.join(layer, "diff")
@@ -796,12 +814,40 @@ def storage_layer_upper(root_path: str) -> Upper | None:
     if not all(os.path.isfile(posixpath.join(layer, f)) for f in ("link", "lower")):
         return None
     try:
-        with open(posixpath.join(posixpath.dirname(layer), ".has-mount-program")) as f:
-            fuse = f.read().strip() == "true"
-    except OSError:
-        fuse = False
-    options = [f"upperdir={diff}"] + ([] if fuse or not in_user_namespace() else ["userxattr"])
+        with open(posixpath.join(layer, "lower")) as f:
+            lower = f.read().strip()
+    except OSError as exc:
+        raise ArchiveError(f"cannot read {layer}/lower: {exc.strerror}") from None
+    fuse, userxattr = store_markers(posixpath.dirname(layer), diff)
+    options = [f"upperdir={diff}", f"lowerdir={lower}"] + (["userxattr"] if userxattr else [])
     return upper_from_options(options, fuse=fuse)
+
+
+def store_markers(store: str, diff: str) -> tuple[bool, bool]:
+    """(fuse-overlayfs, user.overlay.*) for a layer of the store's overlay directory.
+
+    fuse-overlayfs wrote it if the store's `.has-mount-program` says `true`.
+    Else the kernel's own xattrs on the upperdir's root (overlay.uuid, .impure,
+    .origin, set at mount) name the namespace: trusted.overlay.* first, as a
+    rootful container may set user.overlay.* on its own root as data.  Without
+    them, a store is rootless (userxattr) when its owner is not root, or when
+    the hook runs in a user namespace (`podman unshare`).
+    """
+    try:
+        with open(posixpath.join(store, ".has-mount-program")) as f:
+            if f.read().strip() == "true":
+                return True, False
+    except OSError:
+        pass
+    names = read_xattrs(os.fsencode(diff))
+    for prefix, userxattr in (("trusted.overlay.", False), ("user.overlay.", True)):
+        if any(n.startswith(prefix) and not n.startswith(prefix + ESCAPED) for n in names):
+            return False, userxattr
+    try:
+        owner = os.stat(store).st_uid
+    except OSError as exc:
+        raise ArchiveError(f"cannot read the store {store}: {exc.strerror}") from None
+    return False, owner != 0 or in_user_namespace()
 
 
 def in_user_namespace() -> bool:
@@ -818,6 +864,156 @@ def locate_upper(mount_point: str, config: dict, bundle: str, mount_program: str
     if is_root_mount_point(mount_point):
         return find_root_upper(config, bundle, mount_program)
     return find_upper(find_mount(config.get("mounts"), mount_point), mount_program)
+
+
+# ---------------------------------------------------------------------------
+# exclude's paths as the container saw them: resolved through the symlinks of
+# its view, the upperdir over its image's lower layers (readable at poststop).
+# ---------------------------------------------------------------------------
+
+MAX_SYMLINKS = 40  # as the kernel's path walk
+
+
+class View:
+    """A merged view of layers (topmost first), read as overlayfs shows them but
+    without mounting: the container's (the upperdir over the lower layers) or the
+    image's (the lower layers alone).  Every layer keeps markers as the upperdir does."""
+
+    def __init__(self, upper: Upper, layers: Iterable[str]) -> None:
+        self.upper = upper
+        self.layers = [os.fsencode(p) for p in layers]
+
+    def lookup(self, dirs: list[bytes], name: bytes) -> tuple[os.stat_result | None, list[bytes]]:
+        """`name` in the directory the layers' `dirs` make: its stat and paths (a directory's
+        in every layer that adds to it, topmost first); (None, []) if absent or deleted."""
+        found: list[bytes] = []
+        first = None
+        for d in dirs:
+            path = d + b"/" + name
+            st = lstat_or_none(path)
+            if st is None:
+                if self.upper.fuse and lstat_or_none(d + b"/" + WHITEOUT_PREFIX + name) is not None:
+                    break  # fuse-overlayfs's whiteout file
+                continue
+            if is_whiteout_stat(st) or (found and not stat.S_ISDIR(st.st_mode)):
+                break  # deleted here, or a file under a directory: hidden
+            if first is None:
+                first = st
+            found.append(path)
+            if not stat.S_ISDIR(st.st_mode) or is_opaque_dir(self.upper, path):
+                break
+        return first, found
+
+    def resolve(self, rel: bytes) -> tuple[bytes, bool]:
+        """rel with the symlinks of its directories resolved (the last name is not followed,
+        as rm does not follow it), and whether it is in this view."""
+        names: list[bytes] = []  # resolved so far
+        levels = [self.layers]  # the layers' dirs making each resolved directory
+        todo = rel.split(b"/")[::-1]
+        links = 0
+        while todo:
+            name = todo.pop()
+            if name in (b"", b"."):
+                continue
+            if name == b"..":
+                if names:
+                    names.pop()
+                    levels.pop()
+                continue
+            st, paths = self.lookup(levels[-1], name)
+            if not todo or st is None or not (stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                return b"/".join([*names, name, *todo[::-1]]), st is not None and not todo
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                target = os.readlink(paths[0]) if links <= MAX_SYMLINKS else b""
+                if not target:
+                    return b"/".join([*names, name, *todo[::-1]]), False
+                if target.startswith(b"/"):
+                    del names[:], levels[1:]
+                todo += target.split(b"/")[::-1]
+                continue
+            names.append(name)
+            levels.append(paths)
+        return b"/".join(names), True
+
+
+def lstat_or_none(path: bytes) -> os.stat_result | None:
+    """None for a path that is not there, or that no file can have (a NUL, too long a name)."""
+    try:
+        return os.stat(path, follow_symlinks=False)
+    except ValueError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            return None
+        raise ArchiveError(f"cannot read {os.fsdecode(path)}: {exc.strerror}") from None
+
+
+def is_whiteout_stat(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_opaque_dir(upper: Upper, path: bytes) -> bool:
+    """A directory the overlay marked opaque (deleted, then made again)."""
+    for prefix in upper.marker_prefixes:
+        try:
+            if os.getxattr(path, prefix + "opaque", follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            pass  # none, or a namespace this process cannot read
+    return upper.fuse and lstat_or_none(path + b"/" + OPAQUE_WHITEOUT) is not None
+
+
+def container_paths(excluded: frozenset[bytes], upper: Upper, archive: Archive) -> frozenset[bytes]:
+    """exclude's paths where the upperdir holds what the container saw at them.
+
+    A path is resolved through the symlinks of the container's view (a merged-/usr
+    image's /lib, /var/run -> ../run), or of the image's where the container deleted
+    it; one that is in neither is warned about.  A layer cannot leave out a path of
+    the image that a directory the container deleted (or deleted and made again, or
+    replaced) hides: that fails the archive, see hiding_dir.
+    """
+    container = View(upper, (upper.path, *upper.lowers))
+    image = View(upper, upper.lowers)
+    paths = set()
+    for rel in sorted(excluded):
+        shown = "/" + os.fsdecode(rel)
+        path, seen = container.resolve(rel)
+        in_image = image.resolve(path) == (path, True)
+        if not seen and not in_image:  # deleted: the image's view of it
+            deleted, in_image = image.resolve(rel)
+            path = deleted if in_image else path
+        if not seen and not in_image:
+            log.warning("exclude path matches nothing in the container's view",
+                        archive=archive.name, exclude=shown)  # fmt: skip
+        elif path != rel:
+            log.debug("exclude path resolved", archive=archive.name, exclude=shown,
+                      path="/" + os.fsdecode(path))  # fmt: skip
+        hidden_by = hiding_dir(upper, path) if in_image else None
+        if hidden_by is not None and archive.method.startswith("oci-"):
+            raise ArchiveError(
+                f"exclude path {shown} is in /{os.fsdecode(hidden_by)}, which the container "
+                "deleted or replaced: a layer cannot leave it out and keep the image's"
+            )
+        paths.add(path)
+    return frozenset(paths)
+
+
+def hiding_dir(upper: Upper, rel: bytes) -> bytes | None:
+    """The directory above rel that the upperdir deletes (a whiteout), replaces (a file),
+    or deletes and makes again (opaque), hiding all the image had under it; or None."""
+    d = os.fsencode(upper.path)
+    parts = rel.split(b"/")[:-1]
+    for i, name in enumerate(parts):
+        path = d + b"/" + name
+        st = lstat_or_none(path)
+        if st is None:
+            deleted = upper.fuse and lstat_or_none(d + b"/" + WHITEOUT_PREFIX + name) is not None
+            return b"/".join(parts[: i + 1]) if deleted else None
+        if not stat.S_ISDIR(st.st_mode) or is_opaque_dir(upper, path):
+            return b"/".join(parts[: i + 1])
+        d = path
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -859,7 +1055,7 @@ class Entry:
 
     @property
     def is_whiteout(self) -> bool:
-        return stat.S_ISCHR(self.st.st_mode) and self.st.st_rdev == 0
+        return is_whiteout_stat(self.st)
 
 
 def read_xattrs(path: bytes) -> dict[str, bytes]:
@@ -902,7 +1098,8 @@ def read_entry(upper: Upper, dir_fd: int, name: bytes, rel: bytes, depth: int,
 
 def walk(upper: Upper, excluded: frozenset[bytes] = frozenset()) -> Iterator[Entry]:
     """Every entry of the upperdir, depth first, each directory before its children;
-    not the excluded paths, nor anything under them (no whiteout is made for them).
+    not the excluded paths, nor anything under them, nor fuse-overlayfs's .wh.<name> file
+    of one (no marker is kept or made for them).
 
     One directory fd is open per level: each entry is read (and must be used
     by the caller) before the walk moves on.
@@ -934,7 +1131,7 @@ def walk(upper: Upper, excluded: frozenset[bytes] = frozenset()) -> Iterator[Ent
                 os.close(fd)
                 continue
             rel = prefix + name
-            if rel in excluded:
+            if rel in excluded or upper.fuse and marks_excluded(prefix, name, excluded):
                 continue
             entry = read_entry(upper, fd, name, rel, len(stack), dir_path)
             yield entry
@@ -949,6 +1146,11 @@ def walk(upper: Upper, excluded: frozenset[bytes] = frozenset()) -> Iterator[Ent
         for fd, *_ in stack:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def marks_excluded(prefix: bytes, name: bytes, excluded: frozenset[bytes]) -> bool:
+    """fuse-overlayfs's whiteout file .wh.<name> of an excluded path: no marker is kept."""
+    return name.startswith(WHITEOUT_PREFIX) and prefix + name[len(WHITEOUT_PREFIX) :] in excluded
 
 
 def raise_open_file_limit() -> None:
@@ -3473,6 +3675,7 @@ def archive_one(archive: Archive, config: dict, bundle: str, opts: Options,
     expand_placeholders(archive, info)
     excluded = parse_exclude(archive.exclude)
     upper = locate_upper(archive.mount_point, config, bundle, opts.mount_program)
+    excluded = container_paths(excluded, upper, archive)
     log.debug("upperdir found", archive=archive.name, upperdir=upper.path,
               markers=",".join(upper.marker_prefixes))  # fmt: skip
     if archive.success:
