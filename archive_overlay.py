@@ -2502,8 +2502,8 @@ def run_skopeo(layout_path: str, tmp: str, ref: str, digest: str) -> None:
                               capture_output=True, timeout=settings.timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
         raise ArchiveError(
-            f"image-push {ref}: timed out: no push within {settings.timeout:g} s "
-            f"(--push-timeout); skopeo killed, revision {digest} committed, not pushed"
+            f"image-push {ref}: timed out: revision {digest} committed, not pushed "
+            f"(no push within {settings.timeout:g} s, --push-timeout; skopeo killed)"
         ) from None
     except OSError as exc:
         raise ArchiveError(

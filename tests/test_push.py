@@ -21,7 +21,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -292,3 +291,185 @@ def test_each_revision_is_pushed_and_only_its_new_blobs_upload(hook_bin, make_ov
     for n, digest in enumerate(pushed, 1):  # every revision stays reachable by digest
         assert pulled_whole(registry, f"{registry.host}/team/data@{digest}",
                             tmp_path / f"pulled{n}") == digest  # fmt: skip
+
+
+def committed_not_pushed(result: HookRun, layout: Path, ref: str, cause: str) -> str:
+    """Exit 1, one error line naming REF and the cause; the tag moved in the layout."""
+    assert result.returncode == 1, result.log
+    errors = [line for line in result.log.splitlines() if "level=error" in line]
+    assert len(errors) == 1, result.log
+    line = result.error_for("data")
+    assert f"image-push {ref}: {cause}: revision sha256:" in line, line
+    assert "committed, not pushed" in line and "Traceback" not in result.log, line
+    digest = re.search(r"revision (sha256:[0-9a-f]{64})", line).group(1)
+    assert tagged(check_layout(layout), "data") == [digest]  # the local commit stands
+    return digest
+
+
+def test_registry_down_the_commit_stands_and_the_next_push_catches_up(hook_bin, make_overlay,
+                                                                      tmp_path, registry):  # fmt: skip
+    ovl = make_overlay()
+    layout = tmp_path / "layout"
+    ref = f"{registry.host}/data:latest"
+    state = image_state(tmp_path, ovl, {"data": push_args(layout, ref)})
+    change(ovl, 1)
+    assert hook(hook_bin, state).returncode == 0
+    registry.stop()
+    change(ovl, 2)
+    started = time.monotonic()
+    down = hook(hook_bin, state, "--push-timeout", "20")
+    assert time.monotonic() - started < 20
+    missed = committed_not_pushed(down, layout, ref, "connection refused")
+    assert f"dial tcp {registry.host}: connect: connection refused" in down.error_for("data")
+    registry.start()
+    change(ovl, 3)
+    up = hook(hook_bin, state)
+    assert up.returncode == 0, up.log
+    digest = written_manifest(up)
+    _, header = registry.manifest("data", "latest")
+    assert header == digest
+    # the registry's revision is whole: it holds the missed revision's layer too
+    manifest = json.loads(blob(layout, digest).read_bytes())
+    missed_layer = json.loads(blob(layout, missed).read_bytes())["layers"][-1]
+    assert missed_layer in manifest["layers"] and len(manifest["layers"]) == 3
+    assert pulled_whole(registry, ref, tmp_path / "pulled") == digest
+
+
+class SilentRegistry:
+    """A TCP port that takes connections (the kernel completes the handshake for the
+    listen backlog) and never answers: a hung registry.  No thread: setns back to the
+    session's namespace refuses a multithreaded process."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_hung_registry_is_given_up_after_the_push_timeout(hook_bin, make_overlay, tmp_path,
+                                                            private_containers_config):  # fmt: skip
+    silent = SilentRegistry()
+    try:
+        ovl = make_overlay()
+        change(ovl, 1)
+        layout = tmp_path / "layout"
+        ref = f"{silent.host}/data:v1"
+        state = image_state(tmp_path, ovl, {"data": push_args(layout, ref)})
+        started = time.monotonic()
+        result = hook(hook_bin, state, "--push-timeout", "3")
+        took = time.monotonic() - started
+        assert 3 <= took < 10, took
+        line = result.error_for("data")
+        assert "(no push within 3 s, --push-timeout; skopeo killed)" in line, line
+        committed_not_pushed(result, layout, ref, "timed out")
+        assert not [p for p in layout.iterdir() if TMP_MARK in p.name]
+    finally:
+        silent.close()
+
+
+def auth_file(path: Path, host: str, password: str) -> Path:
+    """A containers-auth.json(5) file as `podman login --authfile` writes it."""
+    token = base64.b64encode(f"{USER}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
+    return path
+
+
+def test_wrong_password_fails_with_unauthorized(hook_bin, make_overlay, tmp_path, registry):
+    ovl = make_overlay()
+    layout = tmp_path / "layout"
+    ref = f"{registry.host}/data:latest"
+    state = image_state(tmp_path, ovl, {"data": push_args(layout, ref)})
+    wrong = auth_file(tmp_path / "wrong.json", registry.host, "not-the-password")
+    change(ovl, 1)
+    result = hook(hook_bin, state, "--auth-file", str(wrong))
+    committed_not_pushed(result, layout, ref, "unauthorized")
+    Path("/run/containers/0/auth.json").unlink()  # no credentials at all
+    change(ovl, 2)
+    committed_not_pushed(hook(hook_bin, state), layout, ref, "unauthorized")
+    right = auth_file(tmp_path / "right.json", registry.host, PASSWORD)
+    change(ovl, 3)
+    result = hook(hook_bin, state, "--auth-file", str(right))
+    assert result.returncode == 0, result.log
+    assert registry.manifest("data", "latest")[1] == written_manifest(result)
+
+
+def test_untrusted_certificate_fails_and_is_never_skipped(hook_bin, make_overlay, tmp_path,
+                                                          registry):  # fmt: skip
+    registry.distrust()  # the CA is no longer in certs.d: the system's CAs do not know it
+    ovl = make_overlay()
+    layout = tmp_path / "layout"
+    ref = f"docker://{registry.host}/data:latest"
+    change(ovl, 1)
+    result = hook(hook_bin, image_state(tmp_path, ovl, {"data": push_args(layout, ref)}))
+    committed_not_pushed(result, layout, ref.removeprefix("docker://"),
+                         "certificate signed by unknown authority")  # fmt: skip
+    assert not registry.has_blob("data", json.loads(
+        blob(layout, tagged(check_layout(layout), "data")[0]).read_bytes())["config"]["digest"])
+
+
+def test_skopeo_not_there_fails_naming_the_option(hook_bin, make_overlay, tmp_path, registry):
+    ovl = make_overlay()
+    layout = tmp_path / "layout"
+    ref = f"{registry.host}/data:latest"
+    change(ovl, 1)
+    state = image_state(tmp_path, ovl, {"data": push_args(layout, ref)})
+    result = hook(hook_bin, state, "--skopeo", "/nonexistent/skopeo")
+    assert result.returncode == 1, result.log
+    line = result.error_for("data")
+    assert f"image-push {ref}: cannot run /nonexistent/skopeo (--skopeo): No such file" in line
+    assert len(tagged(check_layout(layout), "data")) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "ref", "words"),
+    [
+        ("oci-image", "data:latest", "is not a registry reference host[:port]/repo[:tag]"),
+        ("oci-image", "127.0.0.1:5000/Data:v1", "is not a registry reference"),
+        ("oci-image", "127.0.0.1:5000/data@sha256:" + "0" * 64, "is not a registry reference"),
+        ("oci-image", "127.0.0.1:5000/data:bad tag", "is not a registry reference"),
+        ("oci-image", "https://127.0.0.1:5000/data", "is not a registry reference"),
+        ("oci-image", "127.0.0.1:5000/data:{nope}", "unknown placeholder {nope}"),
+        ("oci-image", "127.0.0.1:5000/{name}:v1", "is not a registry reference"),  # NAME upper
+        ("tar", "127.0.0.1:5000/data:v1", "image-push is only for oci-image, not method tar"),
+        ("oci-layer", "127.0.0.1:5000/data:v1", "image-push is only for oci-image"),
+    ],
+)
+def test_bad_image_push_fails_before_anything_is_written(hook_bin, make_overlay, tmp_path,
+                                                         method, ref, words):  # fmt: skip
+    ovl = make_overlay()
+    change(ovl, 1)
+    target = tmp_path / "out"
+    args = {"archive_to": str(target), "method": method, "image_push": ref}
+    if method.startswith("oci-image"):
+        args["image_tag"] = "data"
+    result = hook(hook_bin, image_state(tmp_path, ovl, {"Data": args}))
+    assert result.returncode == 1, result.log
+    line = result.error_for("Data")
+    assert "annotation=com.launchplatform.oci-hooks.archive-overlay.Data.image-push" in line, line
+    assert words in line and line.endswith('archive not written"'), line
+    assert not target.exists() and not Path(f"{target}.json").exists()
+
+
+def test_a_dead_pushs_private_layout_is_swept(hook_bin, make_overlay, tmp_path, registry):
+    ovl = make_overlay()
+    layout = tmp_path / "layout"
+    ref = f"{registry.host}/data:latest"
+    state = image_state(tmp_path, ovl, {"data": push_args(layout, ref)})
+    change(ovl, 1)
+    assert hook(hook_bin, state).returncode == 0
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = layout / f".push{TMP_MARK}{dead.pid}-0badc0de"
+    (stale / "blobs").parent.mkdir()
+    (stale / "index.json").write_text("{}")
+    change(ovl, 2)
+    result = hook(hook_bin, state)
+    assert result.returncode == 0, result.log
+    assert "removing a stale temporary" in result.log and not stale.exists()
