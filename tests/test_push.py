@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import hashlib
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import archive_annotations, requires_root
+from conftest import requires_root
 from engines import CLEAN_PATH, require, run
 from test_oci_image import blob, check_layout, image_args, image_state, tagged, written_manifest
 from test_safety import TMP_MARK, HookRun, hook, mounted
@@ -206,7 +205,9 @@ def uploaded_blobs(requests: list[tuple[str, str, str]], repo: str) -> list[str]
 
 def headed_blobs(requests: list[tuple[str, str, str]], repo: str) -> list[str]:
     head = re.compile(rf"/v2/{re.escape(repo)}/blobs/(sha256:[0-9a-f]{{64}})$")
-    return [m.group(1) for method, path, _ in requests if method == "HEAD" and (m := head.match(path))]
+    return [
+        m.group(1) for method, path, _ in requests if method == "HEAD" and (m := head.match(path))
+    ]
 
 
 def login(host: str, password: str = PASSWORD) -> None:
@@ -410,8 +411,8 @@ def test_untrusted_certificate_fails_and_is_never_skipped(hook_bin, make_overlay
     result = hook(hook_bin, image_state(tmp_path, ovl, {"data": push_args(layout, ref)}))
     committed_not_pushed(result, layout, ref.removeprefix("docker://"),
                          "certificate signed by unknown authority")  # fmt: skip
-    assert not registry.has_blob("data", json.loads(
-        blob(layout, tagged(check_layout(layout), "data")[0]).read_bytes())["config"]["digest"])
+    manifest = json.loads(blob(layout, tagged(check_layout(layout), "data")[0]).read_bytes())
+    assert not registry.has_blob("data", manifest["config"]["digest"])
 
 
 def test_skopeo_not_there_fails_naming_the_option(hook_bin, make_overlay, tmp_path, registry):
