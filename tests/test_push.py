@@ -474,3 +474,39 @@ def test_a_dead_pushs_private_layout_is_swept(hook_bin, make_overlay, tmp_path, 
     result = hook(hook_bin, state)
     assert result.returncode == 0, result.log
     assert "removing a stale temporary" in result.log and not stale.exists()
+
+
+def test_two_hosts_one_tag_last_push_wins_and_a_tag_per_container_keeps_each_chain(
+    hook_bin, make_overlay, tmp_path, registry
+):
+    """Two hosts (each its own layout and container) commit in turn.  Pushed to one tag,
+    the last push wins it and every revision stays reachable by digest; pushed with
+    `{id}` in the tag, each container's chain is whole under its own tag."""
+    hosts = {
+        "a": ("a" * 64, make_overlay("host-a"), tmp_path / "host-a" / "layout"),
+        "b": ("b" * 64, make_overlay("host-b"), tmp_path / "host-b" / "layout"),
+    }
+    shared = f"{registry.host}/data:shared"
+    own = f"{registry.host}/data:c-{{id}}"
+    pushed: list[str] = []
+    for n in (1, 2):
+        for key, (cid, ovl, layout) in hosts.items():
+            change(ovl, n)
+            archives = {
+                "data": push_args(layout, shared),
+                "mine": push_args(layout, own, image_tag="mine"),
+            }
+            result = hook(hook_bin, image_state(tmp_path / key, ovl, archives, container=cid))
+            assert result.returncode == 0, result.log
+            pushed.append(written_manifest(result, "data"))
+            assert registry.manifest("data", "shared")[1] == pushed[-1]  # the last push wins
+    for n, digest in enumerate(pushed):  # and none is lost: each is there by digest, whole
+        assert pulled_whole(registry, f"{registry.host}/data@{digest}",
+                            tmp_path / f"by-digest-{n}") == digest  # fmt: skip
+    for cid, _, layout in hosts.values():  # a tag per container: each chain under its tag
+        data, digest = registry.manifest("data", f"c-{cid}")
+        assert tagged(check_layout(layout), "mine") == [digest]
+        config_digest = json.loads(data)["config"]["digest"]
+        config = json.loads(registry.request("GET", f"/v2/data/blobs/{config_digest}")[0])
+        comments = [h["comment"] for h in config["history"]]
+        assert comments == [f"container {cid} archive mine"] * 2, comments
