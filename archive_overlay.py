@@ -2402,7 +2402,7 @@ PUSH_REF_RE = re.compile(
 )
 # What skopeo says, as the user needs to read it; the first found names the cause.
 PUSH_CAUSES = (
-    "unauthorized", "denied", "certificate signed by unknown authority", "certificate",
+    "unauthorized", "permission denied", "denied", "certificate signed by unknown authority", "certificate",
     "connection refused", "no such host", "i/o timeout", "no route to host",
     "server gave HTTP response to HTTPS client", "no space left on device", "manifest invalid",
     "blob unknown", "name unknown", "too many requests",
@@ -2498,8 +2498,9 @@ def run_skopeo(layout_path: str, tmp: str, ref: str, digest: str) -> None:
            "--digestfile", digest_file, *auth, f"oci:{tmp}:{PUSH_NAME}", f"docker://{ref}"]  # fmt: skip
     log.debug("pushing", command=" ".join(cmd), cwd=layout_path)
     try:
-        proc = subprocess.run(cmd, cwd=layout_path, stdin=subprocess.DEVNULL, check=False,
-                              capture_output=True, timeout=settings.timeout)  # fmt: skip
+        proc = subprocess.run(cmd, cwd=layout_path, env=skopeo_environment(), check=False,
+                              stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=settings.timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
         raise ArchiveError(
             f"image-push {ref}: timed out: revision {digest} committed, not pushed "
@@ -2517,6 +2518,37 @@ def run_skopeo(layout_path: str, tmp: str, ref: str, digest: str) -> None:
         pushed = f.read().strip()
     if pushed != digest:
         raise ArchiveError(f"image-push {ref}: the registry holds {pushed}, not {digest}")
+
+
+def skopeo_environment() -> dict[str, str]:
+    """The hook's own environment (podman's is empty: skopeo then looks where root's
+    podman keeps credentials).  In rootless podman's user namespace the hook is uid 0 but
+    /root is not its own: HOME and XDG_RUNTIME_DIR, when unset, are those of the user that
+    uid 0 maps to, the places that user's podman and skopeo use."""
+    env = dict(os.environ)
+    uid = user_behind_root()
+    if uid is None:
+        return env
+    if "HOME" not in env:
+        with contextlib.suppress(KeyError):
+            env["HOME"] = pwd.getpwuid(uid).pw_dir
+    runtime_dir = f"/run/user/{uid}"
+    if "XDG_RUNTIME_DIR" not in env and os.path.isdir(runtime_dir):
+        env["XDG_RUNTIME_DIR"] = runtime_dir
+    return env
+
+
+def user_behind_root() -> int | None:
+    """In a user namespace, the host uid that its uid 0 is; None in the initial one."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            for line in f:
+                inside, outside, _ = line.split()
+                if inside == "0":
+                    return int(outside) if outside != "0" else None
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def push_failure(stderr: str) -> tuple[str, str]:

@@ -27,9 +27,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import requires_root
-from engines import CLEAN_PATH, require, run
-from test_oci_image import blob, check_layout, image_args, image_state, tagged, written_manifest
+from conftest import archive_annotations, requires_root
+from engines import CLEAN_PATH, TEST_USER, Podman, ensure_user, require, run
+from test_oci_image import (
+    LOOP,
+    RUNS,
+    assert_run_changes,
+    blob,
+    check_layout,
+    image_args,
+    image_state,
+    loop_images,  # noqa: F401 - a fixture
+    tagged,
+    user_tool,
+    written_manifest,
+)
+from test_oci_layer import (
+    BB_IMAGE,
+    LISTING,
+    assert_same_tree,
+    parse_listing,
+    podman_run_args,
+    read_log,
+    require_tools,
+)
 from test_safety import TMP_MARK, HookRun, hook, mounted
 
 pytestmark = requires_root
@@ -510,3 +531,93 @@ def test_two_hosts_one_tag_last_push_wins_and_a_tag_per_container_keeps_each_cha
         config = json.loads(registry.request("GET", f"/v2/data/blobs/{config_digest}")[0])
         comments = [h["comment"] for h in config["history"]]
         assert comments == [f"container {cid} archive mine"] * 2, comments
+
+
+# --- podman: the loop users run, each revision pushed ----------------------------------------
+
+
+def podman_login(podman: Podman, host: str) -> None:
+    """`podman login` as a user does it, its credentials where podman puts them by default
+    and the hook, run with an empty environment, looks.  Rootful, in a root shell without
+    XDG_RUNTIME_DIR (sudo, su -): /run/containers/0/auth.json.  Rootless, in the user's
+    login session: /run/user/UID/containers/auth.json."""
+    cmd = ["podman", "login", "--username", USER, "--password-stdin", host]
+    env = {k: v for k, v in podman.env().items() if k != "XDG_RUNTIME_DIR"}
+    prefix = []
+    if podman.user is not None:
+        runtime_dir = Path(f"/run/user/{podman.user.uid}")  # /run is this test's overlay
+        runtime_dir.mkdir(mode=0o700)
+        os.chown(runtime_dir, podman.user.uid, podman.user.gid)
+        env["XDG_RUNTIME_DIR"] = str(runtime_dir)
+        prefix = ["runuser", "-u", podman.user.name, "--"]
+    run([*prefix, "env", "-i", *[f"{k}={v}" for k, v in env.items()], *cmd], input=PASSWORD)
+
+
+@pytest.mark.parametrize("rootless", [False, True], ids=["rootful", "rootless"])
+def test_podman_loop_pushes_each_revision_and_another_podman_pulls_it(
+    rootless: bool,
+    loop_images: Path,  # noqa: F811 - the fixture
+    hook_bin: Path,
+    tmp_path: Path,
+    registry: Registry,
+) -> None:
+    user = None
+    if rootless:
+        require_tools("runuser", "newuidmap", "newgidmap")
+        user = ensure_user(TEST_USER)
+    key = "pl" if rootless else "pf"
+    root = loop_images / key
+    podman = Podman(root, user=user)
+    revs, log = root / "revs", root / "hook.log"
+    layout = revs / "data"
+    ref = f"{registry.host}/loop/data:{key}"
+    try:
+        podman.setup()
+        revs.mkdir()
+        if user is not None:
+            os.chown(revs, user.uid, user.gid)
+        podman.install_hook(hook_bin, log, allow_dir=revs)
+        Path("/run/containers/0/auth.json").unlink()  # podman login's, not the fixture's
+        podman_login(podman, registry.host)
+        podman.load(f"oci:{loop_images / 'img'}:bb", BB_IMAGE)
+        podman.load(f"oci:{loop_images / 'img'}:data", "localhost/data:start")
+        user_tool(podman, "skopeo", "copy", "--quiet", "containers-storage:localhost/data:start",
+                  f"oci:{layout}:data")  # fmt: skip
+        views = []
+        for n in range(1, RUNS + 1):
+            pinned = user_tool(podman, "skopeo", "inspect", "--format", "{{.Digest}}",
+                               f"oci:{layout}:data").stdout.strip()  # fmt: skip
+            podman.load(f"oci:{layout}:data", f"localhost/data:in{n}")
+            annotations = archive_annotations(
+                "data", mount_point="/data", archive_to=str(layout), image_tag="data",
+                image_base=pinned, method="oci-image", image_push=ref,
+            )  # fmt: skip
+            proc = podman(*podman_run_args(annotations, f"localhost/data:in{n}", True, LOOP,
+                                           "/data", str(n)), check=False)  # fmt: skip
+            diag = f"\nrun {n}: exit {proc.returncode}\n{proc.stderr}\n{read_log(log)}"
+            assert proc.returncode == 0, diag
+            before, _, after = proc.stdout.partition("#####\n")
+            if views:
+                assert_same_tree(views[-1], parse_listing(before), f"run {n} before", diag)
+            views.append(parse_listing(after))
+            assert_run_changes(views[-1], n, diag)
+            assert read_log(log).count('event="revision pushed"') == n, diag
+            digest = written_manifest(HookRun(0, read_log(log).splitlines()[-1]))
+            assert tagged(check_layout(layout), "data") == [digest]
+            assert registry.manifest("loop/data", key)[1] == digest, diag
+        check_another_podman(loop_images / f"{key}2", registry, ref, views[-1])
+    finally:
+        podman.teardown()
+
+
+def check_another_podman(root: Path, registry: Registry, ref: str, expected) -> None:
+    """A podman with a storage of its own pulls the tag and sees what the last run left."""
+    other = Podman(root)
+    try:
+        other.setup()
+        other.load(f"oci:{root.parent / 'img'}:bb", BB_IMAGE)
+        other("pull", "--quiet", "--creds", f"{USER}:{PASSWORD}", ref)
+        proc = other(*podman_run_args({}, ref, False, LISTING, "/data"))
+        assert_same_tree(expected, parse_listing(proc.stdout), "the tag pulled elsewhere")
+    finally:
+        other.teardown()
