@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import archive_annotations, requires_root
-from engines import CLEAN_PATH, TEST_USER, Podman, ensure_user, require, run
+from engines import CLEAN_PATH, TEST_USER, Podman, ensure_user, require, run, run_readme_with_podman
 from test_oci_image import (
     LOOP,
     RUNS,
@@ -621,3 +621,21 @@ def check_another_podman(root: Path, registry: Registry, ref: str, expected) -> 
         assert_same_tree(expected, parse_listing(proc.stdout), "the tag pulled elsewhere")
     finally:
         other.teardown()
+
+
+def test_readme_push_loop(hook_bin: Path, registry: Registry) -> None:
+    """The README's push loop, run by bash as written with rootful podman (the hook in a
+    hooks dir, --allow-dir /srv/revisions), a tmpfs on /srv, and podman login's credentials
+    in /run/containers/0/auth.json (no XDG_RUNTIME_DIR, as in `sudo -i`)."""
+    require_tools("podman", "runc", "jq", "unshare")
+    Path("/run/containers/0/auth.json").unlink()  # the block's podman login writes it
+    env = {"REG": registry.host, "REG_USER": USER, "REG_PASSWORD": PASSWORD,
+           "XDG_RUNTIME_DIR": ""}  # fmt: skip
+    proc, diag = run_readme_with_podman(hook_bin, "push-loop", "/srv/revisions", env,
+                                        "mount -t tmpfs tmpfs /srv")  # fmt: skip
+    assert proc.returncode == 0, diag
+    lines = proc.stdout.splitlines()
+    assert lines[-4:] == ["hello", "run 1", "run 2", "run 3"], diag
+    pushed, local = lines[-6:-4]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", pushed) and pushed == local, diag
+    assert diag.count('event="revision pushed"') == 3, diag
