@@ -639,3 +639,44 @@ def test_readme_push_loop(hook_bin: Path, registry: Registry) -> None:
     pushed, local = lines[-6:-4]
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", pushed) and pushed == local, diag
     assert diag.count('event="revision pushed"') == 3, diag
+
+
+PLAIN_REGISTRY_CONFIG = """version: 0.1
+storage:
+  filesystem:
+    rootdirectory: {root}/storage
+http:
+  addr: 127.0.0.1:{port}
+"""
+
+
+def test_plain_http_only_where_registries_conf_says_insecure(hook_bin, make_overlay, tmp_path,
+                                                              private_containers_config):  # fmt: skip
+    root, port = tmp_path / "plain", free_port()
+    root.mkdir()
+    (root / "registry.yml").write_text(PLAIN_REGISTRY_CONFIG.format(root=root, port=port))
+    proc = subprocess.Popen(["docker-registry", "serve", str(root / "registry.yml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while run(["curl", "-sf", f"http://127.0.0.1:{port}/v2/"], check=False).returncode:
+            assert time.monotonic() < deadline and proc.poll() is None, "registry not up"
+            time.sleep(0.2)
+        ovl = make_overlay()
+        layout = tmp_path / "layout"
+        ref = f"127.0.0.1:{port}/data:latest"
+        state = image_state(tmp_path, ovl, {"data": push_args(layout, ref)})
+        change(ovl, 1)
+        refused = hook(hook_bin, state)  # HTTPS asked, HTTP answered: no fallback
+        committed_not_pushed(refused, layout, ref, "server gave HTTP response to HTTPS client")
+        conf = Path("/etc/containers/registries.conf.d/50-test-insecure.conf")
+        conf.write_text(f'[[registry]]\nlocation = "127.0.0.1:{port}"\ninsecure = true\n')
+        change(ovl, 2)
+        result = hook(hook_bin, state)
+        assert result.returncode == 0, result.log
+        digest = run(["skopeo", "inspect", "--tls-verify=false", "--format", "{{.Digest}}",
+                      f"docker://{ref}"]).stdout.strip()  # fmt: skip
+        assert digest == written_manifest(result)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
