@@ -659,9 +659,13 @@ def test_plain_http_only_where_registries_conf_says_insecure(hook_bin, make_over
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        while run(["curl", "-sf", f"http://127.0.0.1:{port}/v2/"], check=False).returncode:
-            assert time.monotonic() < deadline and proc.poll() is None, "registry not up"
-            time.sleep(0.2)
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "registry not up"
+                time.sleep(0.2)
         ovl = make_overlay()
         layout = tmp_path / "layout"
         ref = f"127.0.0.1:{port}/data:latest"
