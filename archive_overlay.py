@@ -10,7 +10,8 @@ tagged revision of an OCI image layout.
 
 The module reads top to bottom: start-up (load only what a run uses), inputs
 (state, config, annotations), finding upperdirs, walking an upperdir, the
-destination (safe and atomic), the writers, then the command.
+destination (safe and atomic), the writers, pushing a revision to a registry,
+then the command.
 """
 
 from __future__ import annotations
@@ -2402,8 +2403,8 @@ PUSH_REF_RE = re.compile(
 )
 # What skopeo says, as the user needs to read it; the first found names the cause.
 PUSH_CAUSES = (
-    "unauthorized", "permission denied", "denied", "certificate signed by unknown authority", "certificate",
-    "connection refused", "no such host", "i/o timeout", "no route to host",
+    "unauthorized", "permission denied", "denied", "certificate signed by unknown authority",
+    "certificate", "connection refused", "no such host", "i/o timeout", "no route to host",
     "server gave HTTP response to HTTPS client", "no space left on device", "manifest invalid",
     "blob unknown", "name unknown", "too many requests",
 )  # fmt: skip
