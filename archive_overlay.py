@@ -10,7 +10,8 @@ tagged revision of an OCI image layout.
 
 The module reads top to bottom: start-up (load only what a run uses), inputs
 (state, config, annotations), finding upperdirs, walking an upperdir, the
-destination (safe and atomic), the writers, then the command.
+destination (safe and atomic), the writers, pushing a revision to a registry,
+then the command.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ __version__ = "3.0.0"
 ANNOTATION_PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
 ARGS = (
     "mount-point", "archive-to", "success", "method", "tar-content-owner", "compression-level",
-    "exclude", "image-tag", "image-base", "image-max-layers", "image-keep",
+    "exclude", "image-tag", "image-base", "image-max-layers", "image-keep", "image-push",
 )  # fmt: skip
 DEFAULT_MOUNT_PROGRAM = "/usr/bin/fuse-overlayfs"
 
@@ -354,6 +355,7 @@ class Archive:
         # archive-to or image-tag held {time}: one archive per run, never a replacement.
         self.archive_to_once = False
         self.image_tag_once = False
+        self.image_push = ""  # a registry reference: host[:port]/repo[:tag]
         # Annotations that cannot be honoured, as (key, why): the archive is not written.
         self.refused: list[tuple[str, str]] = []
 
@@ -443,6 +445,9 @@ def apply_arg(archive: Archive, arg: str, value: str) -> str | None:
         archive.keep = parse_count(value)
         if archive.keep is None:
             return f"invalid image-keep {value[:40]!r}: an integer, 1 or more"
+    elif arg == "image-push":
+        archive.image_push = value
+        return push_ref_template_problem(value, archive.name)
     elif arg:
         return f"{UNKNOWN_ARG} {arg[:40]!r}"
     else:
@@ -475,7 +480,7 @@ def check_archive(archive: Archive) -> None:
     image_args = (
         ("image-tag", archive.image_tag), ("image-base", archive.image_base),
         ("image-max-layers", archive.max_layers is not None),
-        ("image-keep", archive.keep is not None),
+        ("image-keep", archive.keep is not None), ("image-push", archive.image_push),
     )  # fmt: skip
     for arg, value in image_args:
         if value and archive.method in ARCHIVE_METHODS and archive.method not in IMAGE_METHODS:
@@ -553,7 +558,7 @@ def expand(template: str, values: dict[str, str | None], what: str) -> str:
 
 
 def expand_placeholders(archive: Archive, info: RunInfo) -> None:
-    """archive-to, success and image-tag with the run's values put in."""
+    """archive-to, success, image-tag and image-push with the run's values put in."""
     values = {"id": info.container_id, "name": archive.name, "time": info.stamp}
     for key in ("id", "name"):  # one path component each: never a way up or down
         value = values[key]
@@ -564,6 +569,10 @@ def expand_placeholders(archive: Archive, info: RunInfo) -> None:
     archive.archive_to = expand(archive.archive_to, values, "archive-to")
     archive.success = expand(archive.success, values, "success")
     archive.image_tag = expand(archive.image_tag, values, "image-tag")
+    archive.image_push = expand(archive.image_push, values, "image-push")
+    why = push_ref_problem(archive.image_push) if archive.image_push else None
+    if why is not None:
+        raise ArchiveError(why)
 
 
 def holds_time(template: str) -> bool:
@@ -3413,6 +3422,7 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
                          move=not archive.image_tag_once, keep=archive.keep)  # fmt: skip
         if archive.keep is not None:
             collect(layout, archive.name)
+        push_revision(layout, stats.descriptor, archive)
     except OSError as exc:
         if stats.current is not None:
             raise ArchiveError(failure(exc, upper, layout.path, stats)) from None
@@ -3665,6 +3675,187 @@ def sweep(layout: Layout, reached: set[str], archive: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Pushing a revision.  image-push=REF: once index.json names the new revision,
+# skopeo (containers/image, the library podman and buildah push with: their
+# auth files, certs.d, registries.conf, Bearer and Basic auth, HEAD before each
+# upload) copies exactly that manifest to REF, from a private layout in the
+# layout's directory whose index names only it and whose blobs are the
+# layout's own.  Bounded in time; a failure fails the archive, the local
+# commit stands.
+# ---------------------------------------------------------------------------
+
+DEFAULT_SKOPEO = "/usr/bin/skopeo"
+DEFAULT_PUSH_TIMEOUT = 120  # seconds, the whole skopeo run
+PUSH_NAME = "push"  # the private layout's temporary name and its one ref name
+# distribution's reference grammar: a registry host (a dot, a port or localhost tells it
+# from a repository component), lowercase path components, an optional tag; no digest.
+HOST_PART = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+PUSH_REF_RE = re.compile(
+    rf"(?P<host>(?:{HOST_PART}(?:\.{HOST_PART})*|\[[0-9A-Fa-f:]+\])(?::[0-9]{{1,5}})?)"
+    rf"/(?P<repo>{PATH_PART}(?:/{PATH_PART})*)(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+)
+# What skopeo says, as the user needs to read it; the first found names the cause.
+PUSH_CAUSES = (
+    "unauthorized", "permission denied", "denied", "certificate signed by unknown authority",
+    "certificate", "connection refused", "no such host", "i/o timeout", "no route to host",
+    "server gave HTTP response to HTTPS client", "no space left on device", "manifest invalid",
+    "blob unknown", "name unknown", "too many requests",
+)  # fmt: skip
+LOGRUS_MSG_RE = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
+
+
+class PushSettings:
+    """What the command line sets for pushing (--skopeo, --push-timeout, --auth-file)."""
+
+    def __init__(self, skopeo: str, timeout: float, auth_file: str | None) -> None:
+        self.skopeo = skopeo
+        self.timeout = timeout
+        self.auth_file = auth_file
+
+
+push_settings = PushSettings(DEFAULT_SKOPEO, DEFAULT_PUSH_TIMEOUT, None)
+
+
+def configure_push(settings: PushSettings) -> None:
+    """Set once by main(), as configure_logging sets the log's sinks."""
+    global push_settings
+    push_settings = settings
+
+
+def push_ref_problem(ref: str) -> str | None:
+    """Why ref is not host[:port]/repo[:tag] (docker:// allowed), or None."""
+    found = PUSH_REF_RE.fullmatch(ref.removeprefix("docker://"))
+    host = found.group("host") if found else ""
+    if found is None or not ("." in host or ":" in host or host == "localhost"):
+        return f"image-push {ref[:80]!r} is not a registry reference host[:port]/repo[:tag]"
+    if len(host) + 1 + len(found.group("repo")) > 255:
+        return f"image-push {ref[:80]!r}: the repository name is over 255 characters"
+    return None
+
+
+def push_ref_template_problem(template: str, name: str) -> str | None:
+    """push_ref_problem with placeholders put in as a run would (a stand-in id and time)."""
+    sample = {"id": "0" * 64, "name": name, "time": "20261127T093015Z"}
+    try:
+        return push_ref_problem(expand(template, sample, "image-push"))
+    except ArchiveError as exc:
+        return str(exc)
+
+
+def push_revision(layout: Layout, manifest: dict, archive: Archive) -> None:
+    """The committed revision, by its manifest digest, to image-push's registry."""
+    if not archive.image_push:
+        return
+    ref = archive.image_push.removeprefix("docker://")
+    started = time.monotonic()
+    remove_stale_temporaries(layout.fd, PUSH_NAME, layout.path)
+    tmp = temp_name(PUSH_NAME)
+    try:
+        os.mkdir(tmp, 0o700, dir_fd=layout.fd)
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layout.fd)
+    except OSError as exc:
+        raise ArchiveError(f"image-push {ref}: cannot prepare the push: {describe(exc)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a live temporary: see is_stale
+        write_push_layout(fd, manifest)
+        run_skopeo(layout.path, tmp, ref, manifest["digest"])
+    except OSError as exc:
+        raise ArchiveError(f"image-push {ref}: cannot prepare the push: {describe(exc)}") from None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            remove_at(layout.fd, tmp)
+    log.info("revision pushed", archive=archive.name, image_push=ref, manifest=manifest["digest"],
+             seconds=round(time.monotonic() - started, 3))  # fmt: skip
+
+
+def write_push_layout(dir_fd: int, manifest: dict) -> None:
+    """A layout whose index names only this manifest; its blobs are the layout's (a symlink)."""
+    index = {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
+             "manifests": [{**manifest, "annotations": {REF_NAME: PUSH_NAME}}]}  # fmt: skip
+    for name, data in ((LAYOUT_FILE, {"imageLayoutVersion": "1.0.0"}), (INDEX_FILE, index)):
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644,
+                     dir_fd=dir_fd)  # fmt: skip
+        with open(fd, "wb") as f:
+            f.write(canonical_json(data))
+    os.symlink("../blobs", "blobs", dir_fd=dir_fd)
+
+
+def run_skopeo(layout_path: str, tmp: str, ref: str, digest: str) -> None:
+    """skopeo copy, bounded by --push-timeout; the digest it pushed must be ours."""
+    import subprocess
+
+    settings = push_settings
+    auth = ["--authfile", settings.auth_file] if settings.auth_file else []
+    digest_file = posixpath.join(tmp, "pushed-digest")
+    cmd = [settings.skopeo, "copy", "--quiet", "--preserve-digests", "--retry-times", "0",
+           "--digestfile", digest_file, *auth, f"oci:{tmp}:{PUSH_NAME}", f"docker://{ref}"]  # fmt: skip
+    log.debug("pushing", command=" ".join(cmd), cwd=layout_path)
+    try:
+        proc = subprocess.run(cmd, cwd=layout_path, env=skopeo_environment(), check=False,
+                              stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=settings.timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise ArchiveError(
+            f"image-push {ref}: timed out: revision {digest} committed, not pushed "
+            f"(no push within {settings.timeout:g} s, --push-timeout; skopeo killed)"
+        ) from None
+    except OSError as exc:
+        raise ArchiveError(
+            f"image-push {ref}: cannot run {settings.skopeo} (--skopeo): {exc.strerror}"
+        ) from None
+    if proc.returncode != 0:
+        cause, said = push_failure(proc.stderr.decode(errors="replace"))
+        raise ArchiveError(f"image-push {ref}: {cause}: revision {digest} committed, not pushed "
+                           f"(skopeo: {said})")  # fmt: skip
+    with open(posixpath.join(layout_path, digest_file), encoding="ascii") as f:
+        pushed = f.read().strip()
+    if pushed != digest:
+        raise ArchiveError(f"image-push {ref}: the registry holds {pushed}, not {digest}")
+
+
+def skopeo_environment() -> dict[str, str]:
+    """The hook's own environment (podman's is empty: skopeo then looks where root's
+    podman keeps credentials).  In rootless podman's user namespace the hook is uid 0 but
+    /root is not its own: HOME and XDG_RUNTIME_DIR, when unset, are those of the user that
+    uid 0 maps to, the places that user's podman and skopeo use."""
+    env = dict(os.environ)
+    uid = user_behind_root()
+    if uid is None:
+        return env
+    if "HOME" not in env:
+        with contextlib.suppress(KeyError):
+            env["HOME"] = pwd.getpwuid(uid).pw_dir
+    runtime_dir = f"/run/user/{uid}"
+    if "XDG_RUNTIME_DIR" not in env and os.path.isdir(runtime_dir):
+        env["XDG_RUNTIME_DIR"] = runtime_dir
+    return env
+
+
+def user_behind_root() -> int | None:
+    """In a user namespace, the host uid that its uid 0 is; None in the initial one."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            for line in f:
+                inside, outside, _ = line.split()
+                if inside == "0":
+                    return int(outside) if outside != "0" else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def push_failure(stderr: str) -> tuple[str, str]:
+    """The cause skopeo's last words name, and those words (its logrus msg unquoted)."""
+    lines = [line for line in stderr.splitlines() if line.strip()] or ["no message"]
+    found = LOGRUS_MSG_RE.search(lines[-1])
+    said = found.group(1).replace('\\"', '"') if found else lines[-1]
+    cause = next((c for c in PUSH_CAUSES if c in said), "skopeo failed")
+    return cause, said[:2000]
+
+
+# ---------------------------------------------------------------------------
 # The command.
 # ---------------------------------------------------------------------------
 
@@ -3871,11 +4062,15 @@ named by annotations {ANNOTATION_PREFIX}<NAME>.<arg>:
   image-keep         oci-image: keep only the N newest revisions of the tag's chain
                      in index.json, and remove the blobs nothing reaches (default:
                      keep everything)
+  image-push         oci-image: push the committed revision to this registry
+                     reference, host[:port]/repo[:tag] (skopeo, bounded by
+                     --push-timeout; a failed push fails the archive, the
+                     local commit stands)
 \b
 mount-point / means the container's root filesystem (config.json root.path).
-archive-to, success and image-tag may hold {{id}} (the container's id), {{name}}
-(the archive's NAME), {{time}} (UTC, e.g. 20261127T093015.123456Z); {{{{ and }}}}
-are braces.
+archive-to, success, image-tag and image-push may hold {{id}} (the container's id),
+{{name}} (the archive's NAME), {{time}} (UTC, e.g. 20261127T093015.123456Z); {{{{ and
+}}}} are braces.
 \b
 An annotation that cannot be honoured (a misspelt method or arg, a bad owner
 or level, only one of mount-point and archive-to) fails its archive.
@@ -3912,11 +4107,31 @@ Exit status: 0 all archives written (or none asked for), 1 an archive failed,
     multiple=True,
     help="Write archives and success files only inside this directory (repeatable).",
 )
+@click.option(
+    "--skopeo",
+    default=DEFAULT_SKOPEO,
+    show_default=True,
+    help="The skopeo binary that pushes image-push revisions (the hook's PATH is empty).",
+)
+@click.option(
+    "--push-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_PUSH_TIMEOUT,
+    show_default=True,
+    help="Seconds one push may take; then skopeo is killed and the archive fails.",
+)
+@click.option(
+    "--auth-file",
+    default=None,
+    help="Registry credentials for image-push (default: containers-auth.json(5)'s places).",
+)
 @click.version_option(__version__, "--version", "-v", prog_name="archive_overlay")
 @click.argument("ignored", nargs=-1, metavar="")
 def main(log_level: str, use_syslog: bool, log_file: str | None, mount_program: str,
-         allow_dirs: tuple[str, ...], ignored: tuple[str, ...]) -> None:  # fmt: skip
+         allow_dirs: tuple[str, ...], skopeo: str, push_timeout: float, auth_file: str | None,
+         ignored: tuple[str, ...]) -> None:  # fmt: skip
     configure_logging(log_level.lower(), use_syslog, log_file)
+    configure_push(PushSettings(skopeo, push_timeout, auth_file))
     if ignored:  # as the Go hook did: a stray word in a hooks.d file must not stop archives
         log.warning("extra command-line arguments ignored", arguments=" ".join(ignored))
     signal.signal(signal.SIGTERM, on_sigterm)

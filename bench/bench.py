@@ -10,6 +10,7 @@ e.g. the test venv's:
     sudo /opt/archive_overlay-test/bin/python bench/bench.py --size-mb 200 --rounds 1
     sudo /opt/archive_overlay-test/bin/python bench/bench.py --small-files 50000
     sudo /opt/archive_overlay-test/bin/python bench/bench.py --xfs
+    sudo /opt/archive_overlay-test/bin/python bench/bench.py --push 100   # image-push
 
 It builds a deterministic (seeded) fixture shaped like a container's data
 upperdir, caches it under --workdir, warms the page cache, then runs every
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import stat
@@ -752,6 +754,138 @@ def print_startup_table(runs: list, samples: dict, failed: dict, rounds: int) ->
         )
 
 
+# ---------------------------------------------------------------------------
+# --push: what image-push adds to an oci-image commit, against skopeo copy
+
+
+PUSH_REGISTRY = """version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: {root}
+http:
+  addr: 127.0.0.1:{port}
+"""
+
+
+def private_containers_namespace(scratch: Path) -> None:
+    """This process in a mount namespace of its own whose /etc/containers and /var/lib are
+    overlays onto scratch: the registries.conf.d entry and skopeo's blob-info cache stay
+    here."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:
+        sys.exit(f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    for target in ("/etc/containers", "/var/lib"):
+        over = scratch / target.strip("/").replace("/", "-")
+        for d in ("upper", "work"):
+            (over / d).mkdir(parents=True, exist_ok=True)
+        opts = f"lowerdir={target},upperdir={over}/upper,workdir={over}/work"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, target], check=True)
+
+
+def start_registry(root: Path) -> tuple[subprocess.Popen, str]:
+    """A plain-HTTP docker-registry on a free port, marked insecure in registries.conf.d."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root.mkdir(parents=True)
+    (root / "config.yml").write_text(PUSH_REGISTRY.format(root=root / "storage", port=port))
+    conf = Path(f"/etc/containers/registries.conf.d/90-bench-{port}.conf")
+    conf.write_text(f'[[registry]]\nlocation = "127.0.0.1:{port}"\ninsecure = true\n')
+    proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    for _ in range(150):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit("docker-registry did not start")
+
+
+def commit_state(scratch: Path, fx: Fixture, layout: Path, push: str | None) -> bytes:
+    stdin = hook_stdin(scratch, fx, "oci-image", layout)
+    config_path = scratch / "bundle-oci-image" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["annotations"][f"{PREFIX}{ARCHIVE_NAME}.image-tag"] = "data"
+    if push:
+        config["annotations"][f"{PREFIX}{ARCHIVE_NAME}.image-push"] = push
+    config_path.write_text(json.dumps(config))
+    return stdin
+
+
+def bench_push(a: argparse.Namespace, hook_args: list[str]) -> int:
+    """Each round: a new layer (one file of the fixture changes), committed without a push,
+    then with image-push to registry A; then skopeo copy of that same revision to registry
+    B, which has none of it: the upload the push does, done by hand."""
+    for tool in ("docker-registry", "skopeo"):
+        if not shutil.which(tool):
+            sys.exit(f"--push needs {tool}")
+    base = a.workdir / "push"
+    shutil.rmtree(base, ignore_errors=True)
+    scratch = base / "scratch"
+    scratch.mkdir(parents=True)
+    private_containers_namespace(base / "ns")
+    params = {"kind": "data", "size_mb": a.push, "seed": a.seed}
+    fx = ensure_fixture(a.workdir / f"fixture-data-{a.push}-s{a.seed}", params)
+    warm_cache(fx.upper)
+    registries = [start_registry(base / f"registry-{n}") for n in "ab"]
+    host_a, host_b = (host for _, host in registries)
+    stamp = fx.upper / "bench-push-round"
+    times: dict[str, list[float]] = {"commit": [], "commit + image-push": [], "push": [],
+                                     "skopeo copy": []}  # fmt: skip
+    layer_bytes = 0
+    try:
+        for r in range(a.rounds):
+            for key, push in (("commit", None), ("commit + image-push", f"{host_a}/bench:r{r}")):
+                stamp.write_text(f"{key} {r} {time.time()}\n")  # a new layer every commit
+                layout = scratch / f"layout-{r}-{len(push or '')}"
+                stdin = commit_state(scratch, fx, layout, push)
+                os.sync()
+                rc, stderr, wall, _, _ = run_measured(hook_args, stdin, {})
+                if rc != 0:
+                    sys.exit(f"hook failed: {stderr}")
+                times[key].append(wall)
+            pushed = re.search(r'event="revision pushed" .* seconds=([0-9.]+)', stderr)
+            times["push"].append(float(pushed.group(1)) if pushed else float("nan"))
+            layer_bytes = max(p.stat().st_size for p in (layout / "blobs" / "sha256").iterdir())
+            cmd = [
+                "skopeo",
+                "copy",
+                "--quiet",
+                f"oci:{layout}:data",
+                f"docker://{host_b}/bench:r{r}",
+            ]
+            rc, stderr, wall, _, _ = run_measured(cmd, None, None)
+            if rc != 0:
+                sys.exit(f"skopeo copy failed: {stderr}")
+            times["skopeo copy"].append(wall)
+            log(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    finally:
+        stamp.unlink(missing_ok=True)
+        for proc, _ in registries:
+            proc.terminate()
+            proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"\n### image-push: {a.push} MiB data upperdir, layer {layer_bytes / 1e6:.1f} MB "
+          f"(gzip), local docker-registry over HTTP, {a.rounds} rounds\n")  # fmt: skip
+    print("| step | median wall s | range s |\n| --- | ---: | ---: |")
+    labels = {"commit": "hook oci-image commit", "commit + image-push": "hook commit + image-push",
+              "push": "of which the push (hook's log)",
+              "skopeo copy": "skopeo copy of the same revision (empty registry)"}  # fmt: skip
+    for key, values in times.items():
+        print(f"| {labels[key]} | {median(values):.2f} | {min(values):.2f}–{max(values):.2f} |")
+    print(f"\ncommand: {shlex.join([sys.executable, *sys.argv])}")
+    return 0
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 2] if ordered else float("nan")
@@ -972,6 +1106,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--squash-files", type=int, default=200, metavar="N",
                    help="with --squash, new files a run writes (default %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--push",
+        type=int,
+        nargs="?",
+        const=100,
+        metavar="MIB",
+        help="time what image-push adds to an oci-image commit of a MIB data upperdir, against"
+        " skopeo copy of the same revision, to local docker-registries (default 100 MiB)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--no-sync",
@@ -1018,6 +1161,10 @@ def main(argv: list[str] | None = None) -> int:
         return bench_startup(
             a.workdir / "startup", [str(a.hook), *a.hook_arg], a.go_hook, a.startup
         )
+    if a.push is not None:
+        if not run_hook:
+            sys.exit("--push needs the installed hook (--hook)")
+        return bench_push(a, [str(a.hook), *a.hook_arg])
     special = {"small-files": a.small_files, "sparse": a.sparse, "dirs": a.dirs,
                "hardlinks": a.hardlinks}  # fmt: skip
     kind = next((k for k, n in special.items() if n is not None), None)
