@@ -315,11 +315,13 @@ def assert_same_tree(expected: dict, got: dict, what: str, diag: str = "",
     assert not problems, f"{what} differs from the upperdir:\n" + "\n".join(problems[:40]) + diag
 
 
-def getfacl(root: Path) -> str:
-    """getfacl's listing of every entry under root, numeric ids, paths relative to root."""
+def getfacl(root: Path) -> list[str]:
+    """getfacl's listing of every entry under root, numeric ids, paths relative to root: its
+    blocks (one an entry) sorted, as -R lists in directory order, which each filesystem picks
+    (tmpfs: newest first)."""
     proc = subprocess.run(["getfacl", "-R", "-P", "-n", "."], cwd=root, capture_output=True,
                           text=True, check=True)  # fmt: skip
-    return proc.stdout
+    return sorted(proc.stdout.strip("\n").split("\n\n"))
 
 
 # --- layers: stacked on the image, applied by umoci and by podman ---------------------------
@@ -941,9 +943,10 @@ def test_deep_tree_copy_equals_the_upperdir(deep_tree):
 
 
 def gnu_listing(archive: Path) -> list[str]:
+    """GNU tar's verbose listing, sorted: GNU tar archives a tree in directory order."""
     proc = subprocess.run(["tar", "--numeric-owner", "--full-time", "-tvf", str(archive)],
                           capture_output=True, text=True, check=True)  # fmt: skip
-    return proc.stdout.splitlines()
+    return sorted(proc.stdout.splitlines())
 
 
 @pytest.mark.parametrize("method", [*TAR_METHODS, *LAYER_METHODS])
