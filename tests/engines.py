@@ -358,6 +358,8 @@ class Podman:
             "XDG_RUNTIME_DIR": str(self.root / "xdg"),
             "CONTAINERS_CONF": str(self.root / "containers.conf"),
             "CONTAINERS_STORAGE_CONF": str(self.root / "storage.conf"),
+            # podman 5 on hybrid cgroups warns on every command that v1 is deprecated
+            "PODMAN_IGNORE_CGROUPSV1_WARNING": "1",
         }
 
     def as_user(self, cmd: list[str]) -> list[str]:
