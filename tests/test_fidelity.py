@@ -643,12 +643,11 @@ ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
 
 
 def without_inherited_acls(tree: dict[str, dict], own: dict[str, dict]) -> dict[str, dict]:
-    """tree, less the ACLs of the entries that have none in own."""
+    """tree, less each entry's ACLs (access, default) of a kind its entry in own lacks."""
 
     def entry(rel: str, info: dict) -> dict:
-        if any(name in own.get(rel, {}).get("xattrs", {}) for name in ACL_XATTRS):
-            return info
-        xattrs = {k: v for k, v in info["xattrs"].items() if k not in ACL_XATTRS}
+        has = own.get(rel, {}).get("xattrs", {})
+        xattrs = {k: v for k, v in info["xattrs"].items() if k not in ACL_XATTRS or k in has}
         return {**info, "xattrs": xattrs}
 
     return {rel: entry(rel, info) for rel, info in tree.items()}

@@ -253,8 +253,9 @@ def test_readme_rootful_podman_as_written(hook_bin, tmp_path, syslog):
     assert members["./old.txt"].ischr() and members["./old.txt"].devmajor == 0
     assert "./hello" in read(out / "readme.stdout")  # the block's own tar -tv
     assert not (out / "archives" / "bad.tar.gz").exists()
-    # podman exits 0; at its default level podman 4.3 says nothing about the failing hook,
-    # podman 5 one warning with the hook's exit status (not its output)
+    # podman exits 0; at its default level podman 4.3 says nothing about the failing hook;
+    # podman 5 says nothing or (when `podman run` itself ran the hook, not conmon's cleanup
+    # process: both were seen) one warning with the hook's exit status, not its output
     assert read(out / "fail.status").strip() == "0"
     said = read(out / "fail.stderr")
     if podman_version() < (5,):
@@ -263,7 +264,7 @@ def test_readme_rootful_podman_as_written(hook_bin, tmp_path, syslog):
         hook = "/usr/bin/archive_overlay --syslog --log-file /var/log/archive_overlay.log"
         warning = (r'time="[^"]+" level=warning msg="Container [0-9a-f]{64}: poststop hook 0: '
                    rf'executing \[{re.escape(hook)}\]: exit status 1"\n')  # fmt: skip
-        assert re.fullmatch(warning, said), said
+        assert said == "" or re.fullmatch(warning, said), said
     # ... but the hook's log file and syslog have it, one error line naming the annotation
     log = read(out / "hook.log").splitlines()
     errors = [line for line in log if "level=error" in line]
