@@ -1890,10 +1890,12 @@ class TarSink:
             self.stream.close()  # flushes the compressor's last blocks into self.out
         self.out.close()
 
-    def discard(self) -> None:
-        """After a failure: the compressor's threads stopped, nothing more written to fd."""
+    def discard(self, stop_compressor: bool) -> None:
+        """After a failure: nothing more written to fd, the compressor's threads stopped.
+        Not after SIGTERM: a compressor interrupted mid-block might never finish (the hook
+        exits at once then)."""
         self.out.discard()
-        if self.stream is not self.out:
+        if stop_compressor and self.stream is not self.out:
             # The archive has failed already (its error is what the caller reports); what
             # the compressor says while it shuts down, into a discarded file, is beside it.
             with contextlib.suppress(Exception):
@@ -1909,8 +1911,8 @@ def write_tar(entries: Iterable[Entry], fd: int, archive: Archive, stats: Stats,
     try:
         write_members(entries, sink, archive, stats, layer)
         sink.finish()
-    except BaseException:
-        sink.discard()  # before the caller closes fd
+    except BaseException as exc:
+        sink.discard(stop_compressor=isinstance(exc, Exception))  # before the caller closes fd
         raise
     stats.archive_bytes = sink.out.size
     if layer:
