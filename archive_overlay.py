@@ -2090,15 +2090,21 @@ def group_name(gid: int) -> bytes:
 
 
 class OutputFile:
-    """The archive file as a compressor sees it: counts what it gets, hashes it if asked."""
+    """The archive file as a compressor sees it: counts what it gets, hashes it if asked.
+    It writes through its own buffer to fd and never closes fd, so it is closed (or
+    discarded) before its fd is: a buffer finalised later would write into whatever file
+    holds that fd number by then."""
 
     def __init__(self, fd: int, hashing: bool) -> None:
         self.fd = fd
-        self.raw = open(fd, "wb", buffering=READ_CHUNK, closefd=False)  # noqa: SIM115
+        self.file = io.FileIO(fd, "wb", closefd=False)
+        self.raw = io.BufferedWriter(self.file, READ_CHUNK)
         self.digest = hashlib.sha256() if hashing else None
         self.size = 0
 
     def write(self, data: bytes | memoryview) -> int:
+        if self.file.closed:  # discarded: a compressor being shut down writes into nothing
+            return len(data)
         if self.digest is not None:
             self.digest.update(data)
         self.size += len(data)
@@ -2106,6 +2112,14 @@ class OutputFile:
 
     def flush(self) -> None:
         self.raw.flush()
+
+    def close(self) -> None:
+        self.raw.close()  # flushes what it holds
+
+    def discard(self) -> None:
+        """Drop what the buffer holds: a buffer whose file is closed closes without a flush."""
+        self.file.close()
+        self.raw.close()
 
     def copy_from(self, src: int, offset: int, length: int) -> None:
         """Kernel-side copy of file data straight into the archive (plain tar)."""
@@ -2176,7 +2190,18 @@ class TarSink:
         self.write(bytes(-self.written % RECORD))
         if self.stream is not self.out:
             self.stream.close()  # flushes the compressor's last blocks into self.out
-        self.out.flush()
+        self.out.close()
+
+    def discard(self, stop_compressor: bool) -> None:
+        """After a failure: nothing more written to fd, the compressor's threads stopped.
+        Not after SIGTERM: a compressor interrupted mid-block might never finish (the hook
+        exits at once then)."""
+        self.out.discard()
+        if stop_compressor and self.stream is not self.out:
+            # The archive has failed already (its error is what the caller reports); what
+            # the compressor says while it shuts down, into a discarded file, is beside it.
+            with contextlib.suppress(Exception):
+                self.stream.close()
 
 
 def write_tar(entries: Iterable[Entry], fd: int, archive: Archive, stats: Stats,
@@ -2185,6 +2210,19 @@ def write_tar(entries: Iterable[Entry], fd: int, archive: Archive, stats: Stats,
     A layer is hashed for its descriptor and holds no sparse members (image-spec:
     sparse files SHOULD NOT be used in layers)."""
     sink = TarSink(fd, archive, hashing=layer)
+    try:
+        write_members(entries, sink, archive, stats, layer)
+        sink.finish()
+    except BaseException as exc:
+        sink.discard(stop_compressor=isinstance(exc, Exception))  # before the caller closes fd
+        raise
+    stats.archive_bytes = sink.out.size
+    if layer:
+        stats.descriptor = layer_descriptor(sink, archive.compressor or "gzip")
+
+
+def write_members(entries: Iterable[Entry], sink: TarSink, archive: Archive, stats: Stats,
+                  layer: bool) -> None:  # fmt: skip
     links = Hardlinks()
     for entry in entries:
         stats.current = entry.rel
@@ -2203,10 +2241,6 @@ def write_tar(entries: Iterable[Entry], fd: int, archive: Archive, stats: Stats,
         else:
             sink.write(tar_header(entry, archive.owner, link_to))
     stats.current = None
-    sink.finish()
-    stats.archive_bytes = sink.out.size
-    if layer:
-        stats.descriptor = layer_descriptor(sink, archive.compressor or "gzip")
 
 
 def write_file_member(sink: TarSink, entry: Entry, owner: tuple[int, int] | None,

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -266,6 +268,19 @@ def _toml_list(items: list[str]) -> str:
     return json.dumps(items)
 
 
+@cache
+def podman_version() -> tuple[int, ...]:
+    """The installed podman's version ("podman version 5.4.2" -> (5, 4, 2)): podman 4 and 5
+    differ in their network backend, their log and a fresh rootless store."""
+    out = run(["podman", "--version"]).stdout
+    return tuple(int(n) for n in re.findall(r"\d+", out.split()[-1])[:3])
+
+
+def network_backend() -> str:
+    """podman 5 is built without CNI (netavark only); Debian 12's podman 4 has CNI only."""
+    return "netavark" if podman_version() >= (5,) else "cni"
+
+
 @dataclass
 class Podman:
     """A podman with its own storage, run dirs and configs under `root`.
@@ -325,7 +340,7 @@ class Podman:
             "[containers]",
             f"default_ulimits = {_toml_list(['nofile=1024:1024', 'nproc=1024:1024'])}",
             "[network]",
-            'network_backend = "cni"',
+            f"network_backend = {json.dumps(network_backend())}",
             f"network_config_dir = {json.dumps(str(self.root / 'net'))}",
             "[engine]",
             'runtime = "runc"',
@@ -343,6 +358,8 @@ class Podman:
             "XDG_RUNTIME_DIR": str(self.root / "xdg"),
             "CONTAINERS_CONF": str(self.root / "containers.conf"),
             "CONTAINERS_STORAGE_CONF": str(self.root / "storage.conf"),
+            # podman 5 on hybrid cgroups warns on every command that v1 is deprecated
+            "PODMAN_IGNORE_CGROUPSV1_WARNING": "1",
         }
 
     def as_user(self, cmd: list[str]) -> list[str]:

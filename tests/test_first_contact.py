@@ -25,7 +25,14 @@ from pathlib import Path
 
 import pytest
 from conftest import PREFIX, REPO, requires_root
-from engines import busybox_path, ensure_fuse_device, ensure_user, readme_block, require
+from engines import (
+    busybox_path,
+    ensure_fuse_device,
+    ensure_user,
+    podman_version,
+    readme_block,
+    require,
+)
 
 pytestmark = requires_root
 
@@ -109,6 +116,8 @@ class Namespace:
             "SYSLOG_SOCKET": str(syslog_socket or ""),
             "CHECKOUT": str(self.checkout),
             "OUT": str(self.out),
+            # podman 5 on hybrid cgroups warns on every command that v1 is deprecated
+            "PODMAN_IGNORE_CGROUPSV1_WARNING": "1",
         }
         return subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "bash", "-c",
@@ -244,9 +253,18 @@ def test_readme_rootful_podman_as_written(hook_bin, tmp_path, syslog):
     assert members["./old.txt"].ischr() and members["./old.txt"].devmajor == 0
     assert "./hello" in read(out / "readme.stdout")  # the block's own tar -tv
     assert not (out / "archives" / "bad.tar.gz").exists()
-    # podman 4.3 at its default level says nothing about the failing hook, and exits 0
+    # podman exits 0; at its default level podman 4.3 says nothing about the failing hook;
+    # podman 5 says nothing or (when `podman run` itself ran the hook, not conmon's cleanup
+    # process: both were seen) one warning with the hook's exit status, not its output
     assert read(out / "fail.status").strip() == "0"
-    assert read(out / "fail.stderr") == "", read(out / "fail.stderr")
+    said = read(out / "fail.stderr")
+    if podman_version() < (5,):
+        assert said == "", said
+    else:
+        hook = "/usr/bin/archive_overlay --syslog --log-file /var/log/archive_overlay.log"
+        warning = (r'time="[^"]+" level=warning msg="Container [0-9a-f]{64}: poststop hook 0: '
+                   rf'executing \[{re.escape(hook)}\]: exit status 1"\n')  # fmt: skip
+        assert said == "" or re.fullmatch(warning, said), said
     # ... but the hook's log file and syslog have it, one error line naming the annotation
     log = read(out / "hook.log").splitlines()
     errors = [line for line in log if "level=error" in line]
@@ -294,7 +312,7 @@ cp -r "$CHECKOUT" "/home/$TEST_USER/checkout"  # the user's own checkout, in its
 chown -R "$TEST_USER:" "/home/$TEST_USER" "/run/user/$TEST_UID"; chmod 700 "/run/user/$TEST_UID"
 as_user() {{
   runuser -u "$TEST_USER" -- env -i HOME="/home/$TEST_USER" XDG_RUNTIME_DIR="/run/user/$TEST_UID" \
-    PATH="$PATH" bash -e -c "cd ~/checkout; $1"
+    PATH="$PATH" PODMAN_IGNORE_CGROUPSV1_WARNING=1 bash -e -c "cd ~/checkout; $1"
 }}
 cleanup() {{  # rootless podman leaves a pause process: end it, by its pid
   pid=$(cat "/run/user/$TEST_UID/libpod/tmp/pause.pid" 2>/dev/null) && kill -9 "$pid" || true
@@ -368,7 +386,9 @@ def test_readme_rootless_podman_hardened_then_fuse_overlayfs(hook_bin, tmp_path,
     log = read(out / "hook.log").splitlines()
     written = archive_written(log)
     assert len(written) == 2, log
-    assert "/vfs-containers/" in written[0] and "/overlay-containers/" in written[1], written
+    # A fresh rootless store: vfs with podman 4.3, native overlay with podman 5.
+    first_store = "/vfs-containers/" if podman_version() < (5,) else "/overlay-containers/"
+    assert first_store in written[0] and "/overlay-containers/" in written[1], written
     refusals = [line for line in log if "level=error" in line]
     assert len(refusals) == 1 and "archive=out " in refusals[0], log
     assert "/srv/outside.tar is outside the allowed directories" in refusals[0]

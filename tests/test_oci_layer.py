@@ -86,7 +86,8 @@ setfattr -n user.note -v dir deep
 if [ "$2" = user-data-opaque ]; then setfattr -n user.overlay.opaque -v y keep; fi
 """
 
-# `sh -c LISTING sh DIR`: one line per entry, then the user xattrs.
+# `sh -c LISTING sh DIR`: one line per entry, then the user xattrs.  getfattr by its path:
+# busybox 1.37's sh runs its own getfattr applet (no -R, -P, -m, -e) before one on $PATH.
 LISTING = r"""cd "$1" || exit 1
 busybox find . | busybox sort | while IFS= read -r p; do
   meta=$(busybox stat -c '%f %u %g %s %i %h' "$p")
@@ -97,7 +98,7 @@ busybox find . | busybox sort | while IFS= read -r p; do
   echo "$p|$meta|$extra"
 done
 echo '#xattrs'
-getfattr -R -P -h -d -m '^user\.' -e hex . || true
+/bin/getfattr -R -P -h -d -m '^user\.' -e hex . || true
 """
 
 # Members the layer must hold for CHANGES (image-spec's whiteout encoding).

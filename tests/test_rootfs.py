@@ -119,7 +119,7 @@ busybox find . -xdev | busybox sort | while IFS= read -r p; do
 done
 echo '#xattrs'
 busybox find . -xdev | busybox sort | while IFS= read -r p; do
-  getfattr -P -h -d -m '^user\.' -e hex "$p" 2>/dev/null
+  /bin/getfattr -P -h -d -m '^user\.' -e hex "$p" 2>/dev/null  # path: see test_oci_layer
 done
 true
 """
