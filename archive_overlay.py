@@ -133,7 +133,7 @@ if GC_WAS_ENABLED:
         gc.freeze()  # what start-up made lives until exit: never look for cycles in it
     gc.enable()
 
-__version__ = "3.0.0"
+__version__ = "4.0.0"
 
 ANNOTATION_PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
 ARGS = (

@@ -22,6 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
 
 
+def project_version() -> str:
+    """The version pyproject.toml gives the release."""
+    text = (REPO / "pyproject.toml").read_text()
+    return text.split('\nversion = "', 1)[1].split('"', 1)[0]
+
+
 def is_root() -> bool:
     return os.geteuid() == 0
 

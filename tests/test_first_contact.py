@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PREFIX, REPO, requires_root
+from conftest import PREFIX, REPO, project_version, requires_root
 from engines import busybox_path, ensure_fuse_device, ensure_user, readme_block, require
 
 pytestmark = requires_root
@@ -506,3 +506,14 @@ def test_readme_names_the_default_hooks_dir():
     assert "install -D -m 644" in readme_block("rootful")
     assert "hooks_dir" not in readme_block("machine")  # it would replace the default
     assert "/etc/containers/oci/hooks.d/archive-overlay.json" not in text
+
+
+def test_the_installed_hook_says_its_release(hook_bin):
+    """`archive_overlay --version` names the release pyproject.toml gives: 4.0.0 added
+    oci-image, placeholders, exclude and mount-point=/ since 3.0.0."""
+    result = subprocess.run(
+        [str(hook_bin), "--version"], check=False, capture_output=True, text=True, env={}
+    )
+    assert result.returncode == 0, result.stderr
+    assert project_version() == "4.0.0"
+    assert result.stdout.strip() == "archive_overlay, version 4.0.0"

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Overlay, archive_annotations, requires_root, state_json, write_bundle
+from conftest import (
+    Overlay,
+    archive_annotations,
+    project_version,
+    requires_root,
+    state_json,
+    write_bundle,
+)
 from engines import (
     FUSE_OVERLAYFS,
     TEST_USER,
@@ -658,7 +665,8 @@ def test_each_run_commits_a_revision_the_next_run_mounts(scenario: LoopScenario,
                 check_another_machine(reg, loop_images, views[-1], tmp_path)
         history = json.loads(run(["skopeo", "inspect", "--config", f"oci:{layout}:data"]).stdout)
         ours = history["history"][-RUNS:]
-        assert [h["created_by"] for h in ours] == ["archive_overlay 3.0.0"] * RUNS, history
+        created_by = f"archive_overlay {project_version()}"
+        assert [h["created_by"] for h in ours] == [created_by] * RUNS, history
         assert all(re.fullmatch(r"container [0-9a-f]{64} archive data", h["comment"])
                    for h in ours), ours  # fmt: skip
     finally:
