@@ -199,11 +199,12 @@ def _ensure_subids(user: User) -> None:
 
 
 def ensure_user(name: str) -> User:
-    """The rootless test user, created (with sub-ids, no home) if missing."""
+    """The rootless test user, created (with sub-ids, no home) if missing: in the session's
+    /etc, an overlay of conftest's private mount namespace, never in the host's."""
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+        run(["useradd", "--no-create-home", "--no-log-init", "--shell", "/usr/sbin/nologin", name])
         entry = pwd.getpwnam(name)
     user = User(name, entry.pw_uid, entry.pw_gid)
     _ensure_subids(user)
@@ -211,7 +212,8 @@ def ensure_user(name: str) -> User:
 
 
 def ensure_fuse_device() -> None:
-    """Rootless fuse-overlayfs needs /dev/fuse open to everybody."""
+    """Rootless fuse-overlayfs needs /dev/fuse open to everybody: the session's own node
+    (conftest bind-mounts it over the host's), never the host's."""
     os.chmod("/dev/fuse", 0o666)
 
 
