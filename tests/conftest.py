@@ -195,7 +195,19 @@ def hook_bin() -> Path:
         )  # fmt: skip
     script = venv / "bin" / "archive_overlay"
     assert script.exists(), f"{script} missing: install the project into {venv}"
+    keep_read_only(venv)
     return script
+
+
+def keep_read_only(venv: Path) -> None:
+    """The venv, once installed, read-only for the rest of the session (a read-only bind
+    mount in the session's namespace): a run as root cannot write a missing .pyc there, so
+    every run meets the venv as a rootless user does, and test_startup's bytecode test sees
+    what the install left."""
+    if HOST_ROOT is None or not os.access(venv, os.W_OK):
+        return
+    subprocess.run(["mount", "--bind", str(venv), str(venv)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(venv)], check=True)
 
 
 @dataclass
