@@ -101,9 +101,10 @@ def readme_block(name: str) -> str:
     return after[len("```sh\n") :].split("```\n", 1)[0]
 
 
-def run_readme_with_podman(hook_bin: Path, name: str, allow_dir: str, env: dict[str, str],
-                           in_namespace: str) -> tuple[subprocess.CompletedProcess, str]:  # fmt: skip
-    """The README block `name`, run by bash as written, with a private rootful podman set up
+def run_readme_with_podman(hook_bin: Path, name: str | tuple[str, ...], allow_dir: str,
+                           env: dict[str, str], in_namespace: str,
+                           ) -> tuple[subprocess.CompletedProcess, str]:  # fmt: skip
+    """The README block `name` (or blocks, one after the other), run by sh (dash) as written, with a private rootful podman set up
     as the README says (the hook in its hooks dir, confined to allow_dir), in a private mount
     namespace prepared by the shell commands in_namespace (tmpfs mounts over the paths the
     block writes).  The busybox image the block names as $IMAGE is at $BB.  Returns the
@@ -116,11 +117,14 @@ def run_readme_with_podman(hook_bin: Path, name: str, allow_dir: str, env: dict[
         podman.install_hook(hook_bin, base / "hook.log", allow_dir=Path(allow_dir))
         build_oci_image(base / "img", "bb", build_rootfs(base / "rootfs"))
         env = podman.env() | {"IMAGE": "localhost/readme-bb", "BB": f"oci:{base / 'img'}:bb"} | env
+        names = (name,) if isinstance(name, str) else name
+        script = "\n".join(readme_block(n) for n in names)
         setup = (
-            in_namespace + ' && podman tag $(podman pull -q "$BB") $IMAGE && exec bash -e -c "$0"'
+            in_namespace
+            + ' && podman tag $(podman pull -q "$BB") localhost/readme-bb && exec sh -e -c "$0"'
         )
         proc = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", setup,
-                    readme_block(name)], env=env, check=False)  # fmt: skip
+                    script], env=env, check=False)  # fmt: skip
         log = base / "hook.log"
         diag = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n"
         diag += log.read_text(errors="replace") if log.exists() else "(no hook log)"

@@ -163,8 +163,9 @@ def engines_present() -> None:
 
 
 def bash(block: str) -> str:
-    """A README block as a bash -e command line, its output kept in the namespace's log."""
-    return f"bash -e -c {shlex.quote(block)}"
+    """A README block as an `sh -e` command line (dash on Debian, as the README's fences say),
+    its output kept in the namespace's log."""
+    return f"sh -e -c {shlex.quote(block)}"
 
 
 def archive_written(lines: list[str]) -> list[str]:
@@ -294,7 +295,7 @@ cp -r "$CHECKOUT" "/home/$TEST_USER/checkout"  # the user's own checkout, in its
 chown -R "$TEST_USER:" "/home/$TEST_USER" "/run/user/$TEST_UID"; chmod 700 "/run/user/$TEST_UID"
 as_user() {{
   runuser -u "$TEST_USER" -- env -i HOME="/home/$TEST_USER" XDG_RUNTIME_DIR="/run/user/$TEST_UID" \
-    PATH="$PATH" bash -e -c "cd ~/checkout; $1"
+    PATH="$PATH" sh -e -c "cd ~/checkout; $1"
 }}
 cleanup() {{  # rootless podman leaves a pause process: end it, by its pid
   pid=$(cat "/run/user/$TEST_UID/libpod/tmp/pause.pid" 2>/dev/null) && kill -9 "$pid" || true
@@ -380,14 +381,15 @@ def test_readme_rootless_podman_hardened_then_fuse_overlayfs(hook_bin, tmp_path,
 
 
 def test_readme_try_it(hook_bin, tmp_path):
-    """The README's "Try it" block as written, with /tmp a tmpfs of a private mount
-    namespace: the host's /tmp is untouched. Its log line matches the README's, `…` aside."""
+    """The README's "Try it" block as written, run by sh (dash), with /tmp a tmpfs of a private
+    mount namespace: the host's /tmp is untouched. Its log line matches the README's, `…`
+    aside."""
     script = section_block("Try it")
     out = tmp_path / "out"
     out.mkdir()
     runner = (
         f"mount --bind {out} /mnt && mount -t tmpfs tmpfs /tmp && "
-        f"bash -e -c {shlex.quote(script)} > /mnt/stdout 2> /mnt/stderr"
+        f"sh -e -c {shlex.quote(script)} > /mnt/stdout 2> /mnt/stderr"
     )
     env = {"PATH": f"{hook_bin.parent}:{SYSTEM_PATH}"}
     result = subprocess.run(
