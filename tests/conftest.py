@@ -123,6 +123,12 @@ def keep_host_clean() -> None:
 keep_host_clean()
 
 
+def pytest_configure(config) -> None:
+    """Every skip is listed with its reason in the summary (as -rs would)."""
+    if "s" not in config.option.reportchars and "a" not in config.option.reportchars:
+        config.option.reportchars += "s"
+
+
 def host_changes() -> list[str]:
     """What differs on the host from the session's start (empty outside the namespace)."""
     if HOST_ROOT is None:
