@@ -81,7 +81,8 @@ chmod 1777 "$R/tmp"
 mkdir -p "$R/out" "$R/var/cache/apt/archives"
 mount --bind "$OUT" "$R/out"
 mount --bind "$DEBS" "$R/var/cache/apt/archives"
-cp /etc/resolv.conf "$R/etc/resolv.conf"
+cp /etc/resolv.conf "$R/etc/resolv.conf"  # this machine's network: its resolver, and the
+cp /etc/ssl/certs/ca-certificates.crt "$R/etc/host-ca.crt"  # CAs its HTTPS proxy may need
 cp -a "$CHECKOUT" "$R/root/checkout"
 cp "$SCRIPT" "$R/script.sh"
 cd "$R"
@@ -91,7 +92,7 @@ umount -l /.old
 rmdir /.old
 cd /
 exec env -i PATH="$SYSTEM_PATH" HOME=/root DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 \
-  sh /script.sh
+  PIP_CERT=/etc/host-ca.crt sh /script.sh
 """
 
 # Runs inside the fresh root, as root.  Each step's output goes to /out/<step>.out.
@@ -171,7 +172,8 @@ def test_readme_on_a_fresh_debian_12(tmp_path: Path, hook_bin: Path) -> None:
         subprocess.run(["umount", "-R", str(work / "root")], check=False, capture_output=True)
     step = read(out / "step").strip()
     last = step.split()[-1] if step else "?"
-    diag = f"{proc.stdout}\n{proc.stderr}\nstep: {step}\n{read(out / f'{last}.out')}"
+    tail = "\n".join(read(out / f"{last}.out").splitlines()[-60:])
+    diag = f"{proc.stdout}\n{proc.stderr}\nstep: {step}\n{tail}"
     # Before its install line, the root has none of the tools the README's examples use.
     assert read(out / "present") == "<present missing>", read(out / "present")
     assert proc.returncode == 0 and step == "done", diag

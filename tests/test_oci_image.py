@@ -12,6 +12,7 @@ takes the revisions and gives revision 3 to a podman with another storage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -273,13 +274,21 @@ def test_8_hooks_commit_to_one_layout_at_once(hook_bin, make_overlay, tmp_path, 
     with mounted(ovl) as merged:
         random_files(merged, 4, 64 << 10)
     layout = tmp_path / "layout"  # made by the hooks themselves, all at once
+    layout.mkdir()
     procs = []
-    for i in range(8):
-        tag = "data" if same_tag else f"data-{i}"
-        method = "oci-image+zstd" if i % 2 else "oci-image"
-        state = image_state(tmp_path / f"s{i}", ovl, {"data": image_args(layout, tag, method)},
-                            container=f"hook{i}")  # fmt: skip
-        procs.append(start_hook(hook_bin, state))
+    # A barrier: the lock is held until all 8 are seen blocked in it (proof they contend);
+    # then it is released, and all 8 make the layout and commit at once.
+    with holding_index_lock(layout) as holder:
+        for i in range(8):
+            tag = "data" if same_tag else f"data-{i}"
+            method = "oci-image+zstd" if i % 2 else "oci-image"
+            state = image_state(tmp_path / f"s{i}", ovl,
+                                {"data": image_args(layout, tag, method)},
+                                container=f"hook{i}")  # fmt: skip
+            procs.append(start_hook(hook_bin, state))
+        waiting = wait_blocked_in_lock(procs, layout / "index.lock", holder)
+        assert len(waiting) == 8, f"only {len(waiting)} of 8 hooks reached the lock"
+        assert not (layout / "index.json").exists()
     runs = [finish(p) for p in procs]
     assert [r.returncode for r in runs] == [0] * 8, "\n".join(r.log for r in runs)
     written = [written_manifest(r) for r in runs]
@@ -299,21 +308,67 @@ def test_the_hook_waits_for_the_index_lock(hook_bin, make_overlay, tmp_path):
     state = image_state(tmp_path, ovl, {"data": image_args(layout)})
     assert hook(hook_bin, state).returncode == 0
     old_index = (layout / "index.json").read_bytes()
+    with holding_index_lock(layout) as holder:
+        waiting = start_hook(hook_bin, state)
+        # blocked IN the lock: fcntl(F_SETLKW) on index.lock, not merely slow
+        assert wait_blocked_in_lock([waiting], layout / "index.lock", holder) == [waiting.pid]
+        assert waiting.poll() is None and (layout / "index.json").read_bytes() == old_index
+    run = finish(waiting)
+    assert run.returncode == 0, run.log
+    assert tagged(check_layout(layout), "data") == [written_manifest(run)]
+
+
+@contextmanager
+def holding_index_lock(layout: Path) -> Iterator[subprocess.Popen]:
+    """Another process holds the fcntl lock on layout/index.lock until the block ends."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(layout / "index.lock")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
-        waiting = start_hook(hook_bin, state)
-        time.sleep(2)
-        assert waiting.poll() is None, "the hook did not wait for the lock"
-        assert (layout / "index.json").read_bytes() == old_index
+        yield holder
     finally:
         holder.communicate(b"release\n", timeout=10)  # closing the file drops the lock
-    run = finish(waiting)
-    assert run.returncode == 0, run.log
-    assert tagged(check_layout(layout), "data") == [written_manifest(run)]
+
+
+# fcntl's system call number, and F_SETLKW (the blocking lock request), by machine
+FCNTL_SYSCALL = {"x86_64": 72, "aarch64": 25}
+F_SETLKW = 7
+
+
+def blocked_in_lock(pid: int, lock: Path) -> bool:
+    """Some thread of pid sleeps in fcntl(fd, F_SETLKW, ...) with fd open on `lock`
+    (/proc/PID/task/TID/syscall names the call a blocked thread is in, and its args)."""
+    number = FCNTL_SYSCALL[os.uname().machine]
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for tid in tasks:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+        except OSError:
+            continue
+        if len(fields) < 3 or fields[0] != str(number) or int(fields[2], 16) != F_SETLKW:
+            continue
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}") == str(lock):
+                return True
+    return False
+
+
+def wait_blocked_in_lock(procs: list[subprocess.Popen], lock: Path,
+                         holder: subprocess.Popen, timeout: float = 60) -> list[int]:  # fmt: skip
+    """The pids of procs seen blocked in the lock on `lock` at once (all, or those that were
+    when `timeout` ran out, or when one of them ended)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        blocked = [p.pid for p in procs if blocked_in_lock(p.pid, lock)]
+        ended = any(p.poll() is not None for p in procs)
+        if len(blocked) == len(procs) or ended or time.monotonic() > deadline:
+            return blocked
+        time.sleep(0.05)
 
 
 HOLD_LOCK = """import fcntl, os, sys
