@@ -76,7 +76,9 @@ mount -t overlay overlay -o "lowerdir=$BASE,upperdir=$WORK/upper,workdir=$WORK/w
 mount -t proc proc "$R/proc"
 mount --rbind /sys "$R/sys"
 mount --rbind /dev "$R/dev"
-for d in tmp run; do mount -t tmpfs tmpfs "$R/$d"; done
+# Container storage cannot be on the root's overlay (an overlay's upperdir may not be on
+# one): as on a disk-backed install, /var/lib/containers and /home are filesystems of their own.
+for d in tmp run var/lib/containers home srv; do mkdir -p "$R/$d"; mount -t tmpfs tmpfs "$R/$d"; done
 chmod 1777 "$R/tmp"
 mkdir -p "$R/out" "$R/var/cache/apt/archives"
 mount --bind "$OUT" "$R/out"

@@ -742,3 +742,114 @@ def test_two_hooks_writing_one_archive_to(hook_bin, make_overlay, tmp_path, meth
         assert [r.returncode for r in runs] == [0, 0], "\n".join(r.log for r in runs)
         assert archived(archive_to, method) in expected  # one of them exactly, never a mix
         assert temporaries(out) == []
+
+
+# --- SIGKILL at every step of the commit -------------------------------------------------
+
+ALL_METHODS = ["copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+zstd"]
+COMMIT_CALLS = ("renameat2", "renameat", "rename", "fsync", "fdatasync", "syncfs", "unlinkat")
+STRACE_LINE = re.compile(r"^(\d+)\s+(\w+)\(")
+
+
+def traced_calls(hook_bin: Path, state: str, trace: Path) -> list[tuple[int, str]]:
+    """(tid, system call) of a whole run, in order, for the calls a commit makes."""
+    proc = subprocess.run(
+        ["strace", "-f", "-qq", "-o", str(trace), "-e", f"trace={','.join(COMMIT_CALLS)}",
+         str(hook_bin)], input=state.encode(), capture_output=True, env={}, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    calls = []
+    for line in trace.read_text().splitlines():
+        match = STRACE_LINE.match(line)
+        if match and "resumed>" not in line:
+            calls.append((int(match.group(1)), match.group(2)))
+    return calls
+
+
+def commit_steps(calls: list[tuple[int, str]]) -> list[tuple[str, int]]:
+    """Each call of the commit as (system call, its invocation number in its thread): from
+    the last sync of the temporary before its first rename to the end of the run (the
+    exchange, the directory fsync, the removal of what was swapped out, the success file)."""
+    first_rename = next(i for i, (_, name) in enumerate(calls) if name.startswith("rename"))
+    tid = calls[first_rename][0]
+    mine = [(i, name) for i, (t, name) in enumerate(calls) if t == tid]
+    syncs = [i for i, name in mine if i < first_rename and name in ("fsync", "syncfs")]
+    start = syncs[-1] if syncs else first_rename
+    steps, seen = [], {}
+    for i, name in mine:
+        seen[name] = seen.get(name, 0) + 1
+        if i >= start:
+            steps.append((name, seen[name]))
+    return steps
+
+
+def read_any(archive_to: Path, method: str) -> dict[str, tuple]:
+    if method == "copy" or not method.endswith("zstd") and not method.endswith("zst"):
+        return archived(archive_to, method)
+    plain = archive_to.parent.parent / "plain.tar"
+    with open(plain, "wb") as out:
+        subprocess.run(["zstd", "-dc", str(archive_to)], stdout=out, check=True)
+    try:
+        return tar_tree(plain)
+    finally:
+        plain.unlink()
+
+
+def fresh_older(out: Path, archive_to: Path, method: str) -> dict[str, tuple]:
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    make_older_archive(archive_to, method)
+    return tree(archive_to)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_sigkill_at_every_step_of_the_commit(hook_bin, make_overlay, tmp_path, method):
+    """SIGKILL (strace injects it) at each call of the commit, one run each: archive-to is the
+    old archive or the new one, whole (never missing, never a mix), the success file only
+    beside the new one, an oci-layer's descriptor only for the layer beside it; the next run
+    writes the archive and leaves no temporary."""
+    if subprocess.run(["which", "strace"], check=False, capture_output=True).returncode:
+        pytest.fail("strace missing (apt-get install strace)")
+    ovl = small_tree(make_overlay())
+    out = tmp_path / "out"
+    archive_to = out / "archive"
+    archive = {"archive_to": str(archive_to), "method": method, "success": str(out / "ok")}
+    state = hook_state(tmp_path, ovl, {"data": archive})
+    old = fresh_older(out, archive_to, method)
+    steps = commit_steps(traced_calls(hook_bin, state, tmp_path / "trace"))
+    new = read_any(archive_to, method)  # what the untouched run wrote
+    assert method != "copy" or new == tree(ovl.upper)
+    assert any(name == "renameat2" for name, _ in steps), steps  # the exchange is among them
+    outcomes = set()
+    for name, when in steps:
+        old = fresh_older(out, archive_to, method)
+        proc = subprocess.run(
+            ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={name}",
+             "-e", f"inject={name}:signal=KILL:when={when}", str(hook_bin)],
+            input=state.encode(), capture_output=True, env={}, timeout=60, check=False,
+        )  # fmt: skip
+        at = f"SIGKILL at {name} #{when}"
+        assert proc.returncode in (-9, 137), (at, proc.returncode, proc.stderr.decode())
+        if tree(archive_to) == old:
+            outcome = "old"
+            assert not (out / "ok").exists(), at
+        else:
+            outcome = "new"
+            assert read_any(archive_to, method) == new, at
+        descriptor = Path(f"{archive_to}.json")
+        if descriptor.exists():
+            assert outcome == "new", at
+            digest_now = "sha256:" + hashlib.sha256(archive_to.read_bytes()).hexdigest()
+            assert json_digest(descriptor) == digest_now, at
+        outcomes.add(outcome)
+        after = hook(hook_bin, state)
+        assert after.returncode == 0, (at, after.log)
+        assert temporaries(out) == [], (at, temporaries(out))
+        assert read_any(archive_to, method) == new and (out / "ok").is_file(), at
+    assert outcomes == {"old", "new"}, (steps, outcomes)  # both sides of the exchange were hit
+
+
+def json_digest(descriptor: Path) -> str:
+    import json
+
+    return json.loads(descriptor.read_text())["digest"]
