@@ -129,6 +129,7 @@ as_user() {{
 }}
 step user-images; as_user {images} > /out/user-images.out 2>&1 || fail user-images
 step rootless; as_user {rootless} > /out/rootless.out 2>&1 || fail rootless
+chmod 666 /dev/fuse  # "Rootless use needs /dev/fuse usable by the user (mode 0666)"
 step fuse; as_user {fuse} > /out/fuse.out 2>&1 || fail fuse
 cp -a /home/newcomer/archives /out/user-archives
 cp -a /srv/archives /out/archives
