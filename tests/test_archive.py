@@ -833,3 +833,49 @@ def test_each_record_stays_one_line(run_hook, tmp_path):
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and b"level=error" in lines[0] and b"\0" not in lines[0]
+
+
+NAMES = ["B", "a", "a.b", "a0", "b", "z"]  # byte order: upper case, then "a" < "a.b" < "a0"
+
+
+def sorted_walk(root: Path, prefix: str = ".") -> list[str]:
+    """Member names in the README's order: each directory, then its entries sorted by name
+    (bytes), depth first; directories with a trailing slash, as GNU tar lists them."""
+    names = []
+    for entry in sorted(os.listdir(root), key=os.fsencode):
+        path = root / entry
+        if path.is_dir() and not path.is_symlink():
+            names.append(f"{prefix}/{entry}/")
+            names += sorted_walk(path, f"{prefix}/{entry}")
+        else:
+            names.append(f"{prefix}/{entry}")
+    return names
+
+
+@pytest.mark.parametrize("method", ["tar", "tar.gz", "tar.zst"])
+def test_members_come_in_sorted_order_whatever_the_directory_order(run_hook, tmp_path, method):
+    """On a tmpfs, readdir lists a directory newest first: the upperdir's entries are made in
+    reverse byte order, and the archive still lists them sorted."""
+    scratch = tmp_path / "tmpfs"
+    scratch.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(scratch)], check=True)
+    try:
+        ovl = Overlay(scratch / "ovl")
+        for d in (ovl.lower, ovl.upper, ovl.work, ovl.merged):
+            d.mkdir(parents=True)
+        ovl.mount()
+        try:
+            for name in sorted(NAMES, reverse=True):
+                (ovl.merged / name).write_text(name)
+                (ovl.merged / f"{name}.d").mkdir()
+                for inner in sorted(NAMES, reverse=True):
+                    (ovl.merged / f"{name}.d" / inner).write_text(inner)
+        finally:
+            ovl.unmount()
+        listed = [n for n in os.listdir(ovl.upper) if not n.startswith(".")]
+        assert listed != sorted(listed, key=os.fsencode), "readdir gave sorted order already"
+        archive_to, _ = archive_of(run_hook, tmp_path, ovl, method)
+        expected = ["./", *sorted_walk(ovl.upper)]
+        assert raw_member_names(archive_to, method) == expected
+    finally:
+        subprocess.run(["umount", "-l", str(scratch)], check=False)
