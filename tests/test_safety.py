@@ -15,6 +15,7 @@ import re
 import signal
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -853,3 +854,69 @@ def json_digest(descriptor: Path) -> str:
     import json
 
     return json.loads(descriptor.read_text())["digest"]
+
+
+# --- temporaries of other runs: which the next run removes -----------------------------
+
+# Makes a temporary for archive-to DIR/NAME named with PID (its own when "self"), with some
+# data in it; holds an flock on it (as a live writer does) when asked; waits on stdin.
+MAKE_TEMPORARY = """import fcntl, os, sys
+directory, name, pid, lock = sys.argv[1:]
+pid = os.getpid() if pid == "self" else int(pid)
+path = os.path.join(directory, f".{name}.archive_overlay-tmp-{pid}-0badc0de")
+fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+os.write(fd, b"half an archive")
+if lock == "lock":
+    fcntl.flock(fd, fcntl.LOCK_EX)
+print(path, flush=True)
+sys.stdin.readline()
+"""
+
+TEMPORARY_CASES = {  # case: (whose pid names it, held locked, removed by the next run)
+    "live-writer": ("self", True, False),
+    "dead-pid-but-locked": ("dead", True, False),  # a writer this namespace cannot see
+    "reused-pid": ("alive", False, False),  # its writer died, another process got its pid
+    "dead-writer": ("dead", False, True),
+}
+
+
+def gone_pid() -> int:
+    """A pid that was just used and whose process has ended."""
+    proc = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+@pytest.mark.parametrize("case", TEMPORARY_CASES)
+def test_the_next_run_removes_only_dead_unlocked_temporaries(hook_bin, make_overlay, tmp_path,
+                                                             case):  # fmt: skip
+    """A run for the same archive-to (here while the other temporary's writer is still
+    there) removes a temporary only once its pid is gone and nobody holds its lock."""
+    whose, locked, removed = TEMPORARY_CASES[case]
+    ovl = small_tree(make_overlay())
+    out = tmp_path / "out"
+    out.mkdir()
+    archive_to = out / "archive.tar"
+    other = subprocess.Popen(["sleep", "60"])  # a live process that is not a writer
+    pid = {"self": "self", "dead": str(gone_pid()), "alive": str(other.pid)}[whose]
+    maker = subprocess.Popen(
+        [sys.executable, "-c", MAKE_TEMPORARY, str(out), archive_to.name, pid,
+         "lock" if locked else "no"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert maker.stdout is not None
+        temporary = Path(maker.stdout.readline().strip())
+        assert temporary.exists()
+        if whose == "dead":
+            assert not Path(f"/proc/{pid}").exists()
+        if not locked:
+            maker.communicate("done\n", timeout=10)  # its maker gone: no lock, no holder
+        run = hook(hook_bin, hook_state(tmp_path, ovl, {"data": {
+            "archive_to": str(archive_to), "method": "tar"}}))  # fmt: skip
+        assert run.returncode == 0, run.log
+        assert_archive_of(archive_to, "tar", ovl.upper)
+        assert temporary.exists() != removed, f"{case}: {temporaries(out)}\n{run.log}"
+        assert ("removing a stale temporary" in run.log) == removed, run.log
+    finally:
+        other.kill()
+        if maker.poll() is None:
+            maker.communicate("done\n", timeout=10)
