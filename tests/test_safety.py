@@ -922,3 +922,56 @@ def test_the_next_run_removes_only_dead_unlocked_temporaries(hook_bin, make_over
         other.kill()
         if maker.poll() is None:
             maker.communicate("done\n", timeout=10)
+
+
+# --- a symlink swapped in after the check ----------------------------------------------
+
+# Swaps allowed/sub (a directory) and allowed/sub.swap (a symlink leading out) with
+# renameat2(RENAME_EXCHANGE), as fast as it can, until killed: at any instant `sub` is one
+# or the other, so a hook's check and its component walk can see different things.
+SWAPPER = """import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+a, b = (os.fsencode(p) for p in sys.argv[1:3])
+print("swapping", flush=True)
+while True:
+    libc.renameat2(-100, a, -100, b, 2)
+"""
+RACE_RUNS = 40
+
+
+def test_a_symlink_swapped_in_after_the_check_is_refused_not_followed(hook_bin, make_overlay,
+                                                                     tmp_path, places):  # fmt: skip
+    """A racing process swaps a directory of archive-to's path with a symlink leading out of
+    --allow-dir. Runs whose check saw the directory and whose component walk (O_NOFOLLOW)
+    met the symlink must fail there; nothing is ever written outside."""
+    ovl = small_tree(make_overlay())
+    sub, swap = places / "allowed" / "sub", places / "allowed" / "sub.swap"
+    sub.mkdir()
+    os.symlink(places / "outside", swap)
+    outside_before = tree(places / "outside")
+    state = hook_state(tmp_path, ovl, {"data": {"archive_to": str(sub / "a.tar"),
+                                                "method": "tar"}})  # fmt: skip
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(sub), str(swap)],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    outcomes = {"checked out": 0, "refused by the walk": 0, "failed in the check": 0,
+                "written": 0}  # fmt: skip
+    try:
+        assert swapper.stdout is not None and swapper.stdout.readline() == "swapping\n"
+        for _ in range(RACE_RUNS):
+            run = hook(hook_bin, state, *allow(places))
+            if run.returncode == 0:
+                outcomes["written"] += 1
+            elif "is outside the allowed directories" in run.log:
+                outcomes["checked out"] += 1
+            elif "cannot open the directory of archive-to" in run.log:
+                error = run.error_for("data")
+                assert "Too many levels of symbolic links" in error or "Not a dir" in error
+                outcomes["refused by the walk"] += 1
+            else:  # realpath met `sub` mid-swap (lstat saw a link, readlink a directory)
+                assert f'error="Invalid argument: {sub}"' in run.error_for("data"), run.log
+                outcomes["failed in the check"] += 1
+            assert tree(places / "outside") == outside_before, (outcomes, run.log)
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert outcomes["refused by the walk"] > 0, outcomes  # the walk was reached on its own
