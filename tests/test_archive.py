@@ -398,6 +398,16 @@ def test_oci_layer_encoding(changed_overlay, run_hook, tmp_path):
     assert len(names) == len(set(names))
     assert not any("overlay" in k for m in members for k in m.pax_headers)
     assert by_name["./etc/config"].pax_headers["SCHILY.xattr.user.checksum"]
+    # every member's time is the upperdir entry's, to the nanosecond; a `.wh.NAME` marker's
+    # is the time of the whiteout it stands for (the opaque marker aside)
+    times = {m.name: member_mtime_ns(m) for m in members if ".wh..wh..opq" not in m.name}
+    upper = os.fsencode(changed_overlay.upper)
+    on_disk = {
+        name: os.lstat(os.path.join(upper, os.fsencode(name[2:].replace(".wh.", "")))).st_mtime_ns
+        for name in times
+    }
+    assert times == on_disk and "./.wh.gone-file" in times
+    assert times["./kept"] == 1_500_000_000_987_654_321
     descriptor = json.loads(Path(f"{archive_to}.json").read_text())
     blob = archive_to.read_bytes()
     assert descriptor["size"] == len(blob)
@@ -405,6 +415,17 @@ def test_oci_layer_encoding(changed_overlay, run_hook, tmp_path):
     plain = subprocess.run(["gzip", "-dc", str(archive_to)], capture_output=True, check=True)
     assert descriptor["diff_id"] == "sha256:" + hashlib.sha256(plain.stdout).hexdigest()
     assert descriptor["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def member_mtime_ns(member: tarfile.TarInfo) -> int:
+    """A member's mtime in nanoseconds, exactly: the PAX record's decimal, or the header's."""
+    text = member.pax_headers.get("mtime")
+    if text is None:
+        return int(member.mtime) * 10**9
+    negative = text.startswith("-")
+    seconds, _, fraction = text.lstrip("-").partition(".")
+    ns = int(seconds) * 10**9 + int((fraction + "0" * 9)[:9])
+    return -ns if negative else ns
 
 
 # --- finding the upperdir --------------------------------------------------
