@@ -68,6 +68,7 @@ from test_oci_layer import (
 from test_safety import (
     TMP_MARK,
     HookRun,
+    contents,
     finish,
     hook,
     mounted,
@@ -568,7 +569,7 @@ def test_full_disk_and_read_only_layout_are_left_alone(hook_bin, make_overlay, t
     subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
     with mounted(ovl) as merged:
         random_files(merged, 3, 1 << 20)  # 3 MiB: more than the tmpfs holds
-    before = {path: tree(path) for path in (small, ro)}
+    before = {path: contents(path) for path in (small, ro)}
     archives = {"full": image_args(small / "layout"), "ro": image_args(ro / "layout")}
     run = hook(hook_bin, image_state(tmp_path, ovl, archives))
     assert run.returncode == 1, run.log
@@ -576,7 +577,7 @@ def test_full_disk_and_read_only_layout_are_left_alone(hook_bin, make_overlay, t
     assert "Read-only file system" in run.error_for("ro"), run.log
     assert len([line for line in run.log.splitlines() if "level=error" in line]) == 2, run.log
     assert "Traceback" not in run.log
-    assert {path: tree(path) for path in (small, ro)} == before
+    assert {path: contents(path) for path in (small, ro)} == before
 
 
 def test_allow_dir_applies_to_the_layout(hook_bin, make_overlay, tmp_path):

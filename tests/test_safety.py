@@ -145,7 +145,8 @@ def digest(path: Path) -> str:
 
 
 def describe(path: Path) -> tuple:
-    """(type, mode, uid, gid, content digest | link target | device numbers)."""
+    """(type, mode, uid, gid, mtime in ns, xattrs, content digest | link target | device
+    numbers): one strict description, for "intact", "as it was" and "equal" alike."""
     st = os.lstat(path)
     payload: object = None
     if stat.S_ISREG(st.st_mode):
@@ -154,20 +155,68 @@ def describe(path: Path) -> tuple:
         payload = os.readlink(path)
     elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
         payload = (os.major(st.st_rdev), os.minor(st.st_rdev))
-    return (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, payload)
+    xattrs = tuple(sorted(
+        (name, os.getxattr(path, name, follow_symlinks=False))
+        for name in os.listxattr(path, follow_symlinks=False)
+    ))  # fmt: skip
+    return (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+            st.st_mtime_ns, xattrs, payload)  # fmt: skip
 
 
 def tree(root: Path) -> dict[str, tuple]:
-    """Every entry under root ("." for root itself); an absent root is {}."""
+    """Every entry under root ("." for root itself), described strictly, plus "links": the
+    groups of paths that are one inode (hardlinks; whiteouts aside: the kernel shares
+    theirs); an absent root is {}."""
     if not os.path.lexists(root):
         return {}
-    entries = {".": describe(root)}
+    entries: dict[str, tuple] = {".": describe(root)}
+    inodes: dict[tuple[int, int], list[str]] = {}
     if not root.is_symlink() and root.is_dir():
         for dirpath, dirnames, filenames in os.walk(root):  # does not enter symlinked dirs
             for name in dirnames + filenames:
                 path = Path(dirpath) / name
-                entries[str(path.relative_to(root))] = describe(path)
+                rel = str(path.relative_to(root))
+                entries[rel] = describe(path)
+                st = os.lstat(path)
+                if (
+                    st.st_nlink > 1
+                    and not stat.S_ISDIR(st.st_mode)
+                    and not stat.S_ISCHR(st.st_mode)
+                ):
+                    inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+    entries["links"] = tuple(sorted(tuple(sorted(group)) for group in inodes.values()))
     return entries
+
+
+def contents(directory: Path) -> dict[str, tuple]:
+    """`tree` of a directory where temporaries came and went: every entry strictly, but
+    directories' mtimes (making and removing a temporary changes its directory's; which
+    entries a directory holds is compared all the same)."""
+    entries = tree(directory)
+    for name, entry in entries.items():
+        if name != "links" and entry[0] == stat.S_IFDIR:
+            entries[name] = (*entry[:4], None, *entry[5:])
+    return entries
+
+
+def pax_mtime_ns(member: tarfile.TarInfo) -> int:
+    text = member.pax_headers.get("mtime")
+    if text is None:
+        return int(member.mtime) * 10**9
+    negative = text.startswith("-")
+    seconds, _, fraction = text.lstrip("-").partition(".")
+    ns = int(seconds) * 10**9 + int((fraction + "0" * 9)[:9])
+    return -ns if negative else ns
+
+
+def pax_xattrs(member: tarfile.TarInfo) -> tuple:
+    """SCHILY.xattr records as (name, value bytes), names unescaped as GNU tar does."""
+    found = []
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            name = key[len("SCHILY.xattr.") :].replace("%3D", "=").replace("%25", "%")
+            found.append((name, value.encode("utf-8", "surrogateescape")))
+    return tuple(sorted(found))
 
 
 def tar_tree(archive: Path) -> dict[str, tuple]:
@@ -176,20 +225,31 @@ def tar_tree(archive: Path) -> dict[str, tuple]:
         tarfile.REGTYPE: stat.S_IFREG, tarfile.SYMTYPE: stat.S_IFLNK, tarfile.DIRTYPE: stat.S_IFDIR,
         tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO,
     }  # fmt: skip
-    entries = {}
+    entries: dict[str, tuple] = {}
+    groups: dict[str, list[str]] = {}
     with tarfile.open(archive, "r:*") as tar:
-        for m in tar.getmembers():
+        members = tar.getmembers()
+        by_name = {os.path.normpath(m.name): m for m in members}
+        for m in members:
             assert m.name == "." or m.name.startswith("./"), m.name
+            name = os.path.normpath(m.name)
+            target = m
+            if m.islnk():  # a hardlink: the member it links to describes it
+                target = by_name[os.path.normpath(m.linkname)]
+                groups.setdefault(os.path.normpath(m.linkname), []).append(name)
             payload: object = None
-            if m.isreg():
-                f = tar.extractfile(m)
+            if target.isreg():
+                f = tar.extractfile(target)
                 assert f is not None
                 payload = hashlib.sha256(f.read()).hexdigest()
-            elif m.issym():
-                payload = m.linkname
-            elif m.ischr() or m.isblk():
-                payload = (m.devmajor, m.devminor)
-            entries[os.path.normpath(m.name)] = (kinds[m.type], m.mode, m.uid, m.gid, payload)
+            elif target.issym():
+                payload = target.linkname
+            elif target.ischr() or target.isblk():
+                payload = (target.devmajor, target.devminor)
+            entries[name] = (kinds[target.type], target.mode, target.uid, target.gid,
+                             pax_mtime_ns(target), pax_xattrs(target), payload)  # fmt: skip
+    entries["links"] = tuple(sorted(tuple(sorted([first, *rest])) for first, rest in
+                                    groups.items()))  # fmt: skip
     return entries
 
 
@@ -426,9 +486,9 @@ def test_upperdir_symlinks_fifos_and_devices_are_archived_not_followed(
     for name, target in [("shadow", "/etc/shadow"), ("host-dir", str(tmp_path / "host")),
                          ("host-secret", str(tmp_path / "host" / "secret")),
                          ("relative-secret", "host-dir/secret")]:  # fmt: skip
-        assert got[name][0] == stat.S_IFLNK and got[name][4] == target, (name, got[name])
+        assert got[name][0] == stat.S_IFLNK and got[name][-1] == target, (name, got[name])
     assert got["fifo"][0] == stat.S_IFIFO
-    assert got["zero"][0] == stat.S_IFCHR and got["zero"][4] == (1, 5)
+    assert got["zero"][0] == stat.S_IFCHR and got["zero"][-1] == (1, 5)
     assert not any(name.startswith("host-dir/") for name in got)
     assert SECRET not in archive_bytes(archive_to, method)
     shadow = Path("/etc/shadow")
@@ -496,7 +556,7 @@ def test_destination_full(hook_bin, make_overlay, tmp_path, tmpfs, method, older
     small, roomy = tmpfs("small", "size=1m"), tmp_path / "roomy"
     if older:
         make_older_archive(small / "archive", method)
-    before = tree(small)
+    before = contents(small)
     archives = {
         "full": {"archive_to": str(small / "archive"), "method": method,
                  "success": str(roomy / "full.ok")},
@@ -507,7 +567,7 @@ def test_destination_full(hook_bin, make_overlay, tmp_path, tmpfs, method, older
     assert run.returncode == 1, run.log
     line = run.error_for("full")
     assert str(small / "archive") in line and "No space left on device" in line, line
-    assert tree(small) == before  # absent, or the older archive intact; no temporary
+    assert contents(small) == before  # absent, or the older archive intact; no temporary
     assert not (roomy / "full.ok").exists()
     assert_archive_of(roomy / "archive", method, ovl.upper)
     assert (roomy / "roomy.ok").is_file()
@@ -564,14 +624,14 @@ def test_archive_to_of_the_other_kind_is_kept(hook_bin, make_overlay, tmp_path, 
     else:
         archive_to.mkdir()
         (archive_to / "inside").write_text("an existing directory's content\n")
-    before = tree(out)
+    before = contents(out)
     state = hook_state(tmp_path, ovl, {"data": {"archive_to": str(archive_to), "method": method,
                                                 "success": str(out / "ok")}})  # fmt: skip
     run = hook(hook_bin, state)
     assert run.returncode == 1, run.log
     line = run.error_for("data")
     assert str(archive_to) in line and message in line, line
-    assert tree(out) == before
+    assert contents(out) == before
 
 
 # --- an unusable upperdir ----------------------------------------------------------------
@@ -658,7 +718,7 @@ def test_sigterm_mid_archive_removes_the_temporary(hook_bin, big_overlay, tmp_pa
     out = tmp_path / "out"
     archive_to = out / "archive"
     make_older_archive(archive_to, method)
-    before = tree(out)
+    before = contents(out)
     archive = {"archive_to": str(archive_to), "method": method, "success": str(out / "ok"),
                **fastest_level(method)}  # fmt: skip
     state = hook_state(tmp_path, big_overlay, {"data": archive})
@@ -667,7 +727,7 @@ def test_sigterm_mid_archive_removes_the_temporary(hook_bin, big_overlay, tmp_pa
         assert run.returncode == 1, run.log
         assert "SIGTERM" in run.error_for_event("terminated")
         assert not os.path.lexists(temporary)
-        assert tree(out) == before  # the older archive untouched, no temporary, no success file
+        assert contents(out) == before  # the older archive untouched, no temporary, no success file
 
 
 @pytest.mark.parametrize("method", METHODS)
