@@ -1035,3 +1035,28 @@ def test_a_symlink_swapped_in_after_the_check_is_refused_not_followed(hook_bin, 
         swapper.kill()
         swapper.wait()
     assert outcomes["refused by the walk"] > 0, outcomes  # the walk was reached on its own
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_live_writers_temporary_survives_another_run(hook_bin, big_overlay, tmp_path, method):
+    """A hook is stopped (SIGSTOP) while its temporary holds data; a second run for the same
+    archive-to runs whole meanwhile and must leave that temporary alone; the first, resumed,
+    then commits its archive too."""
+    out = tmp_path / "out"
+    archive_to = out / "archive"
+    archive = {"archive_to": str(archive_to), "method": method, **fastest_level(method)}
+    state = hook_state(tmp_path, big_overlay, {"data": archive})
+    first = start_hook(hook_bin, state)
+    try:
+        temporary = wait_for_temporary(out, archive_to.name, first)
+        first.send_signal(signal.SIGSTOP)
+        second = hook(hook_bin, state)
+        assert second.returncode == 0, second.log
+        assert os.path.lexists(temporary), second.log  # the live writer's, kept
+        assert "removing a stale temporary" not in second.log
+    finally:
+        first.send_signal(signal.SIGCONT)
+    run = finish(first)
+    assert run.returncode == 0, run.log
+    assert temporaries(out) == []
+    assert_archive_of(archive_to, method, big_overlay.upper)
