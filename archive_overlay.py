@@ -136,7 +136,7 @@ if GC_WAS_ENABLED:
         gc.freeze()  # what start-up made lives until exit: never look for cycles in it
     gc.enable()
 
-__version__ = "3.0.0"
+__version__ = "4.0.0"
 
 ANNOTATION_PREFIX = "com.launchplatform.oci-hooks.archive-overlay."
 ARGS = (
@@ -3475,7 +3475,9 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
 # marked empty_layer, and one entry after them stands for the merged layer.
 # ---------------------------------------------------------------------------
 
-HISTORY_BY = "archive_overlay"  # every history entry the hook writes: created_by "archive_overlay …"
+HISTORY_BY = (
+    "archive_overlay"  # every history entry the hook writes: created_by "archive_overlay …"
+)
 MERGED_BY, COMPACTED_BY = "(merged layers)", "(compacted history)"
 COMPACT_HISTORY_OVER = 1 << 20  # config bytes; podman and skopeo refuse configs over 4 MiB
 

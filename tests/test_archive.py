@@ -23,6 +23,7 @@ from conftest import (
     REPO,
     Overlay,
     archive_annotations,
+    project_version,
     requires_root,
     state_json,
     write_bundle,
@@ -398,6 +399,16 @@ def test_oci_layer_encoding(changed_overlay, run_hook, tmp_path):
     assert len(names) == len(set(names))
     assert not any("overlay" in k for m in members for k in m.pax_headers)
     assert by_name["./etc/config"].pax_headers["SCHILY.xattr.user.checksum"]
+    # every member's time is the upperdir entry's, to the nanosecond; a `.wh.NAME` marker's
+    # is the time of the whiteout it stands for (the opaque marker aside)
+    times = {m.name: member_mtime_ns(m) for m in members if ".wh..wh..opq" not in m.name}
+    upper = os.fsencode(changed_overlay.upper)
+    on_disk = {
+        name: os.lstat(os.path.join(upper, os.fsencode(name[2:].replace(".wh.", "")))).st_mtime_ns
+        for name in times
+    }
+    assert times == on_disk and "./.wh.gone-file" in times
+    assert times["./kept"] == 1_500_000_000_987_654_321
     descriptor = json.loads(Path(f"{archive_to}.json").read_text())
     blob = archive_to.read_bytes()
     assert descriptor["size"] == len(blob)
@@ -405,6 +416,17 @@ def test_oci_layer_encoding(changed_overlay, run_hook, tmp_path):
     plain = subprocess.run(["gzip", "-dc", str(archive_to)], capture_output=True, check=True)
     assert descriptor["diff_id"] == "sha256:" + hashlib.sha256(plain.stdout).hexdigest()
     assert descriptor["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def member_mtime_ns(member: tarfile.TarInfo) -> int:
+    """A member's mtime in nanoseconds, exactly: the PAX record's decimal, or the header's."""
+    text = member.pax_headers.get("mtime")
+    if text is None:
+        return int(member.mtime) * 10**9
+    negative = text.startswith("-")
+    seconds, _, fraction = text.lstrip("-").partition(".")
+    ns = int(seconds) * 10**9 + int((fraction + "0" * 9)[:9])
+    return -ns if negative else ns
 
 
 # --- finding the upperdir --------------------------------------------------
@@ -801,7 +823,7 @@ def test_version_help_and_module_entry(hook_bin):
         text=True,
         env={},
     )
-    assert direct.returncode == 0 and "3." in direct.stdout
+    assert direct.returncode == 0 and project_version() in direct.stdout
 
 
 def test_hooks_d_files_match_the_go_hook():
@@ -833,3 +855,49 @@ def test_each_record_stays_one_line(run_hook, tmp_path):
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and b"level=error" in lines[0] and b"\0" not in lines[0]
+
+
+NAMES = ["B", "a", "a.b", "a0", "b", "z"]  # byte order: upper case, then "a" < "a.b" < "a0"
+
+
+def sorted_walk(root: Path, prefix: str = ".") -> list[str]:
+    """Member names in the README's order: each directory, then its entries sorted by name
+    (bytes), depth first; directories with a trailing slash, as GNU tar lists them."""
+    names = []
+    for entry in sorted(os.listdir(root), key=os.fsencode):
+        path = root / entry
+        if path.is_dir() and not path.is_symlink():
+            names.append(f"{prefix}/{entry}/")
+            names += sorted_walk(path, f"{prefix}/{entry}")
+        else:
+            names.append(f"{prefix}/{entry}")
+    return names
+
+
+@pytest.mark.parametrize("method", ["tar", "tar.gz", "tar.zst"])
+def test_members_come_in_sorted_order_whatever_the_directory_order(run_hook, tmp_path, method):
+    """On a tmpfs, readdir lists a directory newest first: the upperdir's entries are made in
+    reverse byte order, and the archive still lists them sorted."""
+    scratch = tmp_path / "tmpfs"
+    scratch.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(scratch)], check=True)
+    try:
+        ovl = Overlay(scratch / "ovl")
+        for d in (ovl.lower, ovl.upper, ovl.work, ovl.merged):
+            d.mkdir(parents=True)
+        ovl.mount()
+        try:
+            for name in sorted(NAMES, reverse=True):
+                (ovl.merged / name).write_text(name)
+                (ovl.merged / f"{name}.d").mkdir()
+                for inner in sorted(NAMES, reverse=True):
+                    (ovl.merged / f"{name}.d" / inner).write_text(inner)
+        finally:
+            ovl.unmount()
+        listed = [n for n in os.listdir(ovl.upper) if not n.startswith(".")]
+        assert listed != sorted(listed, key=os.fsencode), "readdir gave sorted order already"
+        archive_to, _ = archive_of(run_hook, tmp_path, ovl, method)
+        expected = ["./", *sorted_walk(ovl.upper)]
+        assert raw_member_names(archive_to, method) == expected
+    finally:
+        subprocess.run(["umount", "-l", str(scratch)], check=False)

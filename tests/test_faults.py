@@ -146,6 +146,30 @@ class World:
         return self.root / "runs"
 
 
+def tmpfs_takes_user_xattrs(path: Path) -> bool:
+    try:
+        os.setxattr(path, "user.probe", b"1")
+    except OSError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            raise
+        return False
+    os.removexattr(path, "user.probe")
+    return True
+
+
+def mount_scratch(root: Path) -> None:
+    """A tmpfs on root; where tmpfs refuses user.* xattrs (kernels before 6.6, Debian 12's
+    6.1) a fresh ext4 image instead, so the faults run there too."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(root)], check=True)
+    if tmpfs_takes_user_xattrs(root):
+        return
+    subprocess.run(["umount", str(root)], check=True)
+    image = root.with_name(root.name + ".ext4")
+    subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(root)], check=True)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Iterator[World]:
     """A tmpfs (fast fsync and syncfs, nothing shared with other tests) and an upperdir
@@ -154,7 +178,7 @@ def world(tmp_path_factory) -> Iterator[World]:
     file owned by another user."""
     require(shutil.which("strace") is not None, "strace is not installed")
     root = tmp_path_factory.mktemp("faults")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(root)], check=True)
+    mount_scratch(root)
     try:
         ovl = Overlay(root / "ovl")
         for d in (ovl.lower, ovl.upper, ovl.work, ovl.merged, root / "runs"):

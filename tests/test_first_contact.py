@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PREFIX, REPO, requires_root
+from conftest import PREFIX, REPO, project_version, requires_root
 from engines import (
     busybox_path,
     ensure_fuse_device,
@@ -172,8 +172,9 @@ def engines_present() -> None:
 
 
 def bash(block: str) -> str:
-    """A README block as a bash -e command line, its output kept in the namespace's log."""
-    return f"bash -e -c {shlex.quote(block)}"
+    """A README block as an `sh -e` command line (dash on Debian, as the README's fences say),
+    its output kept in the namespace's log."""
+    return f"sh -e -c {shlex.quote(block)}"
 
 
 def archive_written(lines: list[str]) -> list[str]:
@@ -312,7 +313,7 @@ cp -r "$CHECKOUT" "/home/$TEST_USER/checkout"  # the user's own checkout, in its
 chown -R "$TEST_USER:" "/home/$TEST_USER" "/run/user/$TEST_UID"; chmod 700 "/run/user/$TEST_UID"
 as_user() {{
   runuser -u "$TEST_USER" -- env -i HOME="/home/$TEST_USER" XDG_RUNTIME_DIR="/run/user/$TEST_UID" \
-    PATH="$PATH" PODMAN_IGNORE_CGROUPSV1_WARNING=1 bash -e -c "cd ~/checkout; $1"
+    PATH="$PATH" PODMAN_IGNORE_CGROUPSV1_WARNING=1 sh -e -c "cd ~/checkout; $1"
 }}
 cleanup() {{  # rootless podman leaves a pause process: end it, by its pid
   pid=$(cat "/run/user/$TEST_UID/libpod/tmp/pause.pid" 2>/dev/null) && kill -9 "$pid" || true
@@ -400,14 +401,15 @@ def test_readme_rootless_podman_hardened_then_fuse_overlayfs(hook_bin, tmp_path,
 
 
 def test_readme_try_it(hook_bin, tmp_path):
-    """The README's "Try it" block as written, with /tmp a tmpfs of a private mount
-    namespace: the host's /tmp is untouched. Its log line matches the README's, `…` aside."""
+    """The README's "Try it" block as written, run by sh (dash), with /tmp a tmpfs of a private
+    mount namespace: the host's /tmp is untouched. Its log line matches the README's, `…`
+    aside."""
     script = section_block("Try it")
     out = tmp_path / "out"
     out.mkdir()
     runner = (
         f"mount --bind {out} /mnt && mount -t tmpfs tmpfs /tmp && "
-        f"bash -e -c {shlex.quote(script)} > /mnt/stdout 2> /mnt/stderr"
+        f"sh -e -c {shlex.quote(script)} > /mnt/stdout 2> /mnt/stderr"
     )
     env = {"PATH": f"{hook_bin.parent}:{SYSTEM_PATH}"}
     result = subprocess.run(
@@ -526,3 +528,14 @@ def test_readme_names_the_default_hooks_dir():
     assert "install -D -m 644" in readme_block("rootful")
     assert "hooks_dir" not in readme_block("machine")  # it would replace the default
     assert "/etc/containers/oci/hooks.d/archive-overlay.json" not in text
+
+
+def test_the_installed_hook_says_its_release(hook_bin):
+    """`archive_overlay --version` names the release pyproject.toml gives: 4.0.0 added
+    oci-image, placeholders, exclude and mount-point=/ since 3.0.0."""
+    result = subprocess.run(
+        [str(hook_bin), "--version"], check=False, capture_output=True, text=True, env={}
+    )
+    assert result.returncode == 0, result.stderr
+    assert project_version() == "4.0.0"
+    assert result.stdout.strip() == "archive_overlay, version 4.0.0"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -37,8 +38,12 @@ from hypothesis import strategies as st
 pytestmark = requires_root  # a tmpfs scratch (fast fsync) and device nodes in the upperdir
 
 ARGS = ["mount-point", "archive-to", "success", "method", "tar-content-owner", "compression-level",
-        "exclude"]  # fmt: skip
-METHODS = ["copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+zstd"]
+        "exclude", "image-tag", "image-base"]  # fmt: skip
+METHODS = ["copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+zstd", "oci-image",
+           "oci-image+zstd"]  # fmt: skip
+# What the placeholders of archive-to, success and image-tag may become (README, Annotations)
+PLACEHOLDERS = {"{name}": "[^/]+", "{id}": "[^/]+", "{time}": r"\d{8}T\d{6}Z",
+                "{{": r"\{", "}}": r"\}"}  # fmt: skip
 LEVELS = ["trace", "debug", "info", "warn", "warning", "error", "fatal", "panic"]
 QUIET_LEVELS = {"fatal", "panic"}  # these hide error lines: exit 1 may log nothing
 SETTINGS = {
@@ -147,8 +152,13 @@ class World:
         """Entries in the scratch dir that are neither asked for nor a parent of one."""
         wanted: set[bytes] = {b"escape"}
         parents: set[bytes] = set()
+        patterns: list[re.Pattern[bytes]] = []
         out = os.fsencode(self.out)
         for value in asked:
+            if "{" in value or "}" in value:
+                pattern = placeholder_pattern(value, str(self.out))
+                if pattern is not None:
+                    patterns.append(pattern)
             try:
                 path = os.path.normpath(os.fsencode(value))
             except UnicodeEncodeError:
@@ -165,13 +175,27 @@ class World:
             rel_dir = stack.pop()
             for name in os.listdir(os.path.join(out, rel_dir) if rel_dir else out):
                 rel = os.path.join(rel_dir, name) if rel_dir else name
-                if rel in wanted:
+                if rel in wanted or any(p.fullmatch(rel) for p in patterns):
                     continue  # an archive or success file: what it holds is the hook's
                 if rel in parents and stat.S_ISDIR(os.lstat(os.path.join(out, rel)).st_mode):
                     stack.append(rel)
                     continue
                 strays.append(rel)
         return strays
+
+
+def placeholder_pattern(value: str, out: str) -> re.Pattern[bytes] | None:
+    """What a path with placeholders directly in the scratch dir may become, relative to it
+    (with `.json` for an oci-layer's descriptor)."""
+    prefix = out + "/"
+    if not value.startswith(prefix) or "/" in value[len(prefix) :]:
+        return None
+    try:
+        parts = re.split("({name}|{id}|{time}|{{|}})", value[len(prefix) :])
+        regex = "".join(PLACEHOLDERS.get(part, re.escape(part)) for part in parts)
+        return re.compile(os.fsencode(f"(?:{regex})(?:\\.json)?"))
+    except UnicodeEncodeError:
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +281,9 @@ def expected_statuses(world: World, given: Input) -> set[int]:
         return {2}
     configs = {str(world.bundle): (world.bundle / "config.json").read_bytes(),
                str(world.fuzz_bundle): given.config}  # fmt: skip
+    bundle = os.path.normpath(os.path.join(str(world.cwd), bundle))
     if bundle not in configs:
-        return {0, 1, 2}  # somewhere else: readable or not
+        return {2}  # no other directory of the world holds a config.json: unusable
     try:
         config = json.loads(configs[bundle]) if configs[bundle] is not None else None
     except (ValueError, RecursionError):
@@ -340,7 +365,15 @@ compression_levels = st.one_of(
 excludes = st.sampled_from(
     ["/dir", "/dir:/file", "/a,/b", "rel", "/x:rel", "/", "//", "/..", ":", ",", "", "/\x00"]
 ) | free_text  # fmt: skip
-methods = st.sampled_from(METHODS + ["", "zip", "COPY", "tar.gz ", "tar.bz2"]) | free_text
+methods = st.sampled_from(METHODS + ["", "zip", "COPY", "tar.gz ", "tar.bz2", "oci-image+gz"])
+methods = methods | st.sampled_from(["oci-image", "oci-image+zstd"]) | free_text
+image_tags = st.sampled_from(
+    ["data", "v1.2", "team/data-2026", "{name}", "{name}-{time}", "{id}", "", "UP", "a..b", "-x",
+     "{nope}", "{", "}", "x" * 200, "a b", "data\x00"]
+) | free_text  # fmt: skip
+image_bases = st.sampled_from(
+    ["data", "missing", "sha256:" + "0" * 64, "sha256:bad", "sha256:", "", "{name}", "v1.2"]
+) | free_text  # fmt: skip
 mount_points = st.sampled_from(
     ["/data", "/data/", "//data", "/data/../data", "/ro", "/bind", "/tmp", "/missing", "", "data",
      "/", "\x00", "/data\x00"]
@@ -368,12 +401,14 @@ class Strategies:
             f"{out}//b", f"{out}/./a", f"{out}/a/", f"{out}/x/../b", f"{out}/ok", f"{out}/sp ace",
             f"{out}/" + "n" * 300, f"{out}/\udcff", f"{out}/\x00x", f"{out}/\ud800",
             f"{out}/.wh.x", f"{out}/.a.archive_overlay-tmp-1-00",
+            f"{out}/{{name}}", f"{out}/{{name}}-{{time}}.tar", f"{out}/{{id}}", f"{out}/{{{{x}}}}",
+            f"{out}/{{nope}}", f"{out}/{{", f"{out}/}}", f"{out}/{{id}}-{{name}}.d",
         ]  # fmt: skip
         relative = ["", "rel", "rel/x", ".", "..", "./x", "~/x", "-", "a\x00b", "\t", "rel/../.."]
         escaping = [
             f"{sentinel}/z", f"{out}/../sentinel/z", f"{out}/escape/z", f"{out}/escape",
             f"{out}/escape/", f"{out}/escape/..", f"{out}/escape/sub/z", f"{root}/z", sentinel,
-            "/", "//", f"{out}/../../z",
+            "/", "//", f"{out}/../../z", f"{out}/escape/{{name}}", f"{sentinel}/{{time}}",
         ]  # fmt: skip
         self.allow_dirs = st.lists(
             st.sampled_from([out, f"{out}/", f"{out}/a", f"{root}/none", "", "relative",
@@ -388,6 +423,7 @@ class Strategies:
                 "mount-point": mount_points, "archive-to": paths, "success": paths,
                 "method": methods, "tar-content-owner": owners,
                 "compression-level": compression_levels, "exclude": excludes,
+                "image-tag": image_tags, "image-base": image_bases,
             }  # fmt: skip
             self.stray_values[confined] = {
                 arg: value | json_values | long_text for arg, value in self.values[confined].items()
@@ -433,7 +469,7 @@ def annotation_maps(draw, s: Strategies, confined: bool) -> dict[str, object]:
     annotations: dict[str, object] = {}
     for _ in range(draw(st.integers(0, 3))):
         name = draw(archive_names)
-        extra = draw(st.integers(0, 31))  # which of the optional args: one draw, not a list
+        extra = draw(st.integers(0, 2 ** (len(ARGS) - 2) - 1))  # which optional args: one draw
         for i, arg in enumerate(ARGS):
             if i < 2 or extra & (1 << (i - 2)):
                 annotations[f"{PREFIX}{name}.{arg}"] = draw(s.values[confined][arg])

@@ -12,6 +12,7 @@ takes the revisions and gives revision 3 to a podman with another storage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Overlay, archive_annotations, requires_root, state_json, write_bundle
+from conftest import (
+    Overlay,
+    archive_annotations,
+    project_version,
+    requires_root,
+    state_json,
+    write_bundle,
+)
 from engines import (
     FUSE_OVERLAYFS,
     TEST_USER,
@@ -60,6 +68,7 @@ from test_oci_layer import (
 from test_safety import (
     TMP_MARK,
     HookRun,
+    contents,
     finish,
     hook,
     mounted,
@@ -276,13 +285,21 @@ def test_8_hooks_commit_to_one_layout_at_once(hook_bin, make_overlay, tmp_path, 
     with mounted(ovl) as merged:
         random_files(merged, 4, 64 << 10)
     layout = tmp_path / "layout"  # made by the hooks themselves, all at once
+    layout.mkdir()
     procs = []
-    for i in range(8):
-        tag = "data" if same_tag else f"data-{i}"
-        method = "oci-image+zstd" if i % 2 else "oci-image"
-        state = image_state(tmp_path / f"s{i}", ovl, {"data": image_args(layout, tag, method)},
-                            container=f"hook{i}")  # fmt: skip
-        procs.append(start_hook(hook_bin, state))
+    # A barrier: the lock is held until all 8 are seen blocked in it (proof they contend);
+    # then it is released, and all 8 make the layout and commit at once.
+    with holding_index_lock(layout) as holder:
+        for i in range(8):
+            tag = "data" if same_tag else f"data-{i}"
+            method = "oci-image+zstd" if i % 2 else "oci-image"
+            state = image_state(tmp_path / f"s{i}", ovl,
+                                {"data": image_args(layout, tag, method)},
+                                container=f"hook{i}")  # fmt: skip
+            procs.append(start_hook(hook_bin, state))
+        waiting = wait_blocked_in_lock(procs, layout / "index.lock", holder)
+        assert len(waiting) == 8, f"only {len(waiting)} of 8 hooks reached the lock"
+        assert not (layout / "index.json").exists()
     runs = [finish(p) for p in procs]
     assert [r.returncode for r in runs] == [0] * 8, "\n".join(r.log for r in runs)
     written = [written_manifest(r) for r in runs]
@@ -302,21 +319,67 @@ def test_the_hook_waits_for_the_index_lock(hook_bin, make_overlay, tmp_path):
     state = image_state(tmp_path, ovl, {"data": image_args(layout)})
     assert hook(hook_bin, state).returncode == 0
     old_index = (layout / "index.json").read_bytes()
+    with holding_index_lock(layout) as holder:
+        waiting = start_hook(hook_bin, state)
+        # blocked IN the lock: fcntl(F_SETLKW) on index.lock, not merely slow
+        assert wait_blocked_in_lock([waiting], layout / "index.lock", holder) == [waiting.pid]
+        assert waiting.poll() is None and (layout / "index.json").read_bytes() == old_index
+    run = finish(waiting)
+    assert run.returncode == 0, run.log
+    assert tagged(check_layout(layout), "data") == [written_manifest(run)]
+
+
+@contextmanager
+def holding_index_lock(layout: Path) -> Iterator[subprocess.Popen]:
+    """Another process holds the fcntl lock on layout/index.lock until the block ends."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(layout / "index.lock")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
-        waiting = start_hook(hook_bin, state)
-        time.sleep(2)
-        assert waiting.poll() is None, "the hook did not wait for the lock"
-        assert (layout / "index.json").read_bytes() == old_index
+        yield holder
     finally:
         holder.communicate(b"release\n", timeout=10)  # closing the file drops the lock
-    run = finish(waiting)
-    assert run.returncode == 0, run.log
-    assert tagged(check_layout(layout), "data") == [written_manifest(run)]
+
+
+# fcntl's system call number, and F_SETLKW (the blocking lock request), by machine
+FCNTL_SYSCALL = {"x86_64": 72, "aarch64": 25}
+F_SETLKW = 7
+
+
+def blocked_in_lock(pid: int, lock: Path) -> bool:
+    """Some thread of pid sleeps in fcntl(fd, F_SETLKW, ...) with fd open on `lock`
+    (/proc/PID/task/TID/syscall names the call a blocked thread is in, and its args)."""
+    number = FCNTL_SYSCALL[os.uname().machine]
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for tid in tasks:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+        except OSError:
+            continue
+        if len(fields) < 3 or fields[0] != str(number) or int(fields[2], 16) != F_SETLKW:
+            continue
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}") == str(lock):
+                return True
+    return False
+
+
+def wait_blocked_in_lock(procs: list[subprocess.Popen], lock: Path,
+                         holder: subprocess.Popen, timeout: float = 60) -> list[int]:  # fmt: skip
+    """The pids of procs seen blocked in the lock on `lock` at once (all, or those that were
+    when `timeout` ran out, or when one of them ended)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        blocked = [p.pid for p in procs if blocked_in_lock(p.pid, lock)]
+        ended = any(p.poll() is not None for p in procs)
+        if len(blocked) == len(procs) or ended or time.monotonic() > deadline:
+            return blocked
+        time.sleep(0.05)
 
 
 HOLD_LOCK = """import fcntl, os, sys
@@ -518,7 +581,7 @@ def test_full_disk_and_read_only_layout_are_left_alone(hook_bin, make_overlay, t
     subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
     with mounted(ovl) as merged:
         random_files(merged, 3, 1 << 20)  # 3 MiB: more than the tmpfs holds
-    before = {path: tree(path) for path in (small, ro)}
+    before = {path: contents(path) for path in (small, ro)}
     archives = {"full": image_args(small / "layout"), "ro": image_args(ro / "layout")}
     run = hook(hook_bin, image_state(tmp_path, ovl, archives))
     assert run.returncode == 1, run.log
@@ -526,7 +589,7 @@ def test_full_disk_and_read_only_layout_are_left_alone(hook_bin, make_overlay, t
     assert "Read-only file system" in run.error_for("ro"), run.log
     assert len([line for line in run.log.splitlines() if "level=error" in line]) == 2, run.log
     assert "Traceback" not in run.log
-    assert {path: tree(path) for path in (small, ro)} == before
+    assert {path: contents(path) for path in (small, ro)} == before
 
 
 def test_allow_dir_applies_to_the_layout(hook_bin, make_overlay, tmp_path):
@@ -670,7 +733,8 @@ def test_each_run_commits_a_revision_the_next_run_mounts(scenario: LoopScenario,
                 check_another_machine(reg, loop_images, views[-1], tmp_path)
         history = json.loads(run(["skopeo", "inspect", "--config", f"oci:{layout}:data"]).stdout)
         ours = history["history"][-RUNS:]
-        assert [h["created_by"] for h in ours] == ["archive_overlay 3.0.0"] * RUNS, history
+        created_by = f"archive_overlay {project_version()}"
+        assert [h["created_by"] for h in ours] == [created_by] * RUNS, history
         assert all(re.fullmatch(r"container [0-9a-f]{64} archive data", h["comment"])
                    for h in ours), ours  # fmt: skip
     finally:

@@ -553,13 +553,14 @@ def check_layer_paths(layer: Path, zstd: bool, n: int, excluded: bool, diag: str
 
 
 def test_readme_commit_on_exit_loop(hook_bin: Path) -> None:
-    """The README's commit-on-exit loop block, run by bash as written, with rootful podman set
-    up as the README says (the hook in a hooks dir, --allow-dir /srv/revisions), in a private
-    mount namespace with a fresh tmpfs on /srv and on /var/lib (the image is pulled there)."""
+    """The README's images block, then its commit-on-exit loop block with its default image
+    (the images block's localhost/busybox: no registry), run by sh as written, with rootful
+    podman set up as the README says (the hook in a hooks dir, --allow-dir /srv/revisions), in
+    a private mount namespace with a fresh tmpfs on /srv and on /var/lib."""
     require_tools("podman", "runc", "skopeo", "jq", "unshare")
     proc, diag = run_readme_with_podman(
-        hook_bin, "commit-on-exit-loop", "/srv/revisions", {},
-        "mount -t tmpfs tmpfs /srv && mount -t tmpfs tmpfs /var/lib",
+        hook_bin, ("images", "commit-on-exit-loop"), "/srv/revisions", {"IMAGE": ""},
+        "mount -t tmpfs tmpfs /srv && mount -t tmpfs tmpfs /var/lib && mkdir /srv/me && cd /srv/me",
     )  # fmt: skip
     assert proc.returncode == 0, diag
     lines = proc.stdout.splitlines()
@@ -567,6 +568,7 @@ def test_readme_commit_on_exit_loop(hook_bin: Path) -> None:
     comment = re.compile(r"container [0-9a-f]{64} archive root")
     assert all(comment.fullmatch(line) for line in lines[-6:-3]), diag  # one per run
     assert len([line for line in lines if comment.fullmatch(line)]) == 3, diag
+    assert lines[-7] == "imported from tarball", diag  # podman import's line: one more
 
 
 # --- runc, with an overlay rootfs mounted here ------------------------------------------------

@@ -15,6 +15,7 @@ import re
 import signal
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -31,6 +32,7 @@ pytestmark = requires_root
 TMP_MARK = ".archive_overlay-tmp-"
 HOOK_TIMEOUT = 60.0
 METHODS = ["copy", "tar.gz"]
+ALL_METHODS = ["copy", "tar", "tar.gz", "tar.zst", "oci-layer", "oci-layer+zstd"]
 
 
 # --- running the hook -------------------------------------------------------
@@ -143,7 +145,8 @@ def digest(path: Path) -> str:
 
 
 def describe(path: Path) -> tuple:
-    """(type, mode, uid, gid, content digest | link target | device numbers)."""
+    """(type, mode, uid, gid, mtime in ns, xattrs, content digest | link target | device
+    numbers): one strict description, for "intact", "as it was" and "equal" alike."""
     st = os.lstat(path)
     payload: object = None
     if stat.S_ISREG(st.st_mode):
@@ -152,20 +155,68 @@ def describe(path: Path) -> tuple:
         payload = os.readlink(path)
     elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
         payload = (os.major(st.st_rdev), os.minor(st.st_rdev))
-    return (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, payload)
+    xattrs = tuple(sorted(
+        (name, os.getxattr(path, name, follow_symlinks=False))
+        for name in os.listxattr(path, follow_symlinks=False)
+    ))  # fmt: skip
+    return (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+            st.st_mtime_ns, xattrs, payload)  # fmt: skip
 
 
 def tree(root: Path) -> dict[str, tuple]:
-    """Every entry under root ("." for root itself); an absent root is {}."""
+    """Every entry under root ("." for root itself), described strictly, plus "links": the
+    groups of paths that are one inode (hardlinks; whiteouts aside: the kernel shares
+    theirs); an absent root is {}."""
     if not os.path.lexists(root):
         return {}
-    entries = {".": describe(root)}
+    entries: dict[str, tuple] = {".": describe(root)}
+    inodes: dict[tuple[int, int], list[str]] = {}
     if not root.is_symlink() and root.is_dir():
         for dirpath, dirnames, filenames in os.walk(root):  # does not enter symlinked dirs
             for name in dirnames + filenames:
                 path = Path(dirpath) / name
-                entries[str(path.relative_to(root))] = describe(path)
+                rel = str(path.relative_to(root))
+                entries[rel] = describe(path)
+                st = os.lstat(path)
+                if (
+                    st.st_nlink > 1
+                    and not stat.S_ISDIR(st.st_mode)
+                    and not stat.S_ISCHR(st.st_mode)
+                ):
+                    inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+    entries["links"] = tuple(sorted(tuple(sorted(group)) for group in inodes.values()))
     return entries
+
+
+def contents(directory: Path) -> dict[str, tuple]:
+    """`tree` of a directory where temporaries came and went: every entry strictly, but
+    directories' mtimes (making and removing a temporary changes its directory's; which
+    entries a directory holds is compared all the same)."""
+    entries = tree(directory)
+    for name, entry in entries.items():
+        if name != "links" and entry[0] == stat.S_IFDIR:
+            entries[name] = (*entry[:4], None, *entry[5:])
+    return entries
+
+
+def pax_mtime_ns(member: tarfile.TarInfo) -> int:
+    text = member.pax_headers.get("mtime")
+    if text is None:
+        return int(member.mtime) * 10**9
+    negative = text.startswith("-")
+    seconds, _, fraction = text.lstrip("-").partition(".")
+    ns = int(seconds) * 10**9 + int((fraction + "0" * 9)[:9])
+    return -ns if negative else ns
+
+
+def pax_xattrs(member: tarfile.TarInfo) -> tuple:
+    """SCHILY.xattr records as (name, value bytes), names unescaped as GNU tar does."""
+    found = []
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            name = key[len("SCHILY.xattr.") :].replace("%3D", "=").replace("%25", "%")
+            found.append((name, value.encode("utf-8", "surrogateescape")))
+    return tuple(sorted(found))
 
 
 def tar_tree(archive: Path) -> dict[str, tuple]:
@@ -174,20 +225,31 @@ def tar_tree(archive: Path) -> dict[str, tuple]:
         tarfile.REGTYPE: stat.S_IFREG, tarfile.SYMTYPE: stat.S_IFLNK, tarfile.DIRTYPE: stat.S_IFDIR,
         tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO,
     }  # fmt: skip
-    entries = {}
+    entries: dict[str, tuple] = {}
+    groups: dict[str, list[str]] = {}
     with tarfile.open(archive, "r:*") as tar:
-        for m in tar.getmembers():
+        members = tar.getmembers()
+        by_name = {os.path.normpath(m.name): m for m in members}
+        for m in members:
             assert m.name == "." or m.name.startswith("./"), m.name
+            name = os.path.normpath(m.name)
+            target = m
+            if m.islnk():  # a hardlink: the member it links to describes it
+                target = by_name[os.path.normpath(m.linkname)]
+                groups.setdefault(os.path.normpath(m.linkname), []).append(name)
             payload: object = None
-            if m.isreg():
-                f = tar.extractfile(m)
+            if target.isreg():
+                f = tar.extractfile(target)
                 assert f is not None
                 payload = hashlib.sha256(f.read()).hexdigest()
-            elif m.issym():
-                payload = m.linkname
-            elif m.ischr() or m.isblk():
-                payload = (m.devmajor, m.devminor)
-            entries[os.path.normpath(m.name)] = (kinds[m.type], m.mode, m.uid, m.gid, payload)
+            elif target.issym():
+                payload = target.linkname
+            elif target.ischr() or target.isblk():
+                payload = (target.devmajor, target.devminor)
+            entries[name] = (kinds[target.type], target.mode, target.uid, target.gid,
+                             pax_mtime_ns(target), pax_xattrs(target), payload)  # fmt: skip
+    entries["links"] = tuple(sorted(tuple(sorted([first, *rest])) for first, rest in
+                                    groups.items()))  # fmt: skip
     return entries
 
 
@@ -329,10 +391,11 @@ def test_allow_dir_refuses_success_outside(hook_bin, make_overlay, tmp_path, pla
     assert tree(places) == before  # the archive is refused whole: no success, no archive
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_archive_to_symlink_leading_out_is_not_written_through(hook_bin, make_overlay, tmp_path,
                                                                  places, method):  # fmt: skip
-    """archive-to itself a symlink to outside: replaced by the archive, or refused; never followed."""
+    """archive-to itself a symlink to outside: replaced by the archive (tar methods), refused
+    (copy needs a directory there); never followed."""
     ovl = small_tree(make_overlay())
     link = places / "allowed" / "final"
     os.symlink(places / "outside" / "archive", link)
@@ -340,29 +403,30 @@ def test_archive_to_symlink_leading_out_is_not_written_through(hook_bin, make_ov
     archive = {"archive_to": str(link), "method": method}
     run = hook(hook_bin, hook_state(tmp_path, ovl, {"data": archive}), *allow(places))
     assert tree(places / "outside") == outside_before
-    if run.returncode == 0:
-        assert_archive_of(link, method, ovl.upper)  # the link itself was replaced
-    else:
+    if method == "copy":
         assert run.returncode == 1, run.log
         assert str(link) in run.error_for("data")
         assert os.readlink(link) == str(places / "outside" / "archive")
+    else:
+        assert run.returncode == 0, run.log
+        assert not link.is_symlink() and link.is_file()  # the link itself was replaced
+        if method in ("tar", "tar.gz"):
+            assert_archive_of(link, method, ovl.upper)
     assert temporaries(places) == []
 
 
 def test_success_symlink_leading_out_is_not_written_through(hook_bin, make_overlay, tmp_path,
                                                               places):  # fmt: skip
+    """A success path that is a symlink to outside: the link itself is replaced."""
     ovl = small_tree(make_overlay())
     link = places / "allowed" / "ok"
     os.symlink(places / "outside" / "precious", link)
     outside_before = tree(places / "outside")
     archive = {"archive_to": str(places / "allowed" / "archive"), "success": str(link)}
     run = hook(hook_bin, hook_state(tmp_path, ovl, {"data": archive}), *allow(places))
-    assert run.returncode in (0, 1), run.log
+    assert run.returncode == 0, run.log
     assert tree(places / "outside") == outside_before  # not truncated through the link
-    if run.returncode == 0:
-        assert not link.is_symlink() and link.is_file()  # the link itself was replaced
-    else:
-        assert str(link) in run.error_for("data")
+    assert not link.is_symlink() and link.is_file() and link.stat().st_size == 0
 
 
 @pytest.mark.parametrize("with_allow_dir", [False, True])
@@ -422,9 +486,9 @@ def test_upperdir_symlinks_fifos_and_devices_are_archived_not_followed(
     for name, target in [("shadow", "/etc/shadow"), ("host-dir", str(tmp_path / "host")),
                          ("host-secret", str(tmp_path / "host" / "secret")),
                          ("relative-secret", "host-dir/secret")]:  # fmt: skip
-        assert got[name][0] == stat.S_IFLNK and got[name][4] == target, (name, got[name])
+        assert got[name][0] == stat.S_IFLNK and got[name][-1] == target, (name, got[name])
     assert got["fifo"][0] == stat.S_IFIFO
-    assert got["zero"][0] == stat.S_IFCHR and got["zero"][4] == (1, 5)
+    assert got["zero"][0] == stat.S_IFCHR and got["zero"][-1] == (1, 5)
     assert not any(name.startswith("host-dir/") for name in got)
     assert SECRET not in archive_bytes(archive_to, method)
     shadow = Path("/etc/shadow")
@@ -492,7 +556,7 @@ def test_destination_full(hook_bin, make_overlay, tmp_path, tmpfs, method, older
     small, roomy = tmpfs("small", "size=1m"), tmp_path / "roomy"
     if older:
         make_older_archive(small / "archive", method)
-    before = tree(small)
+    before = contents(small)
     archives = {
         "full": {"archive_to": str(small / "archive"), "method": method,
                  "success": str(roomy / "full.ok")},
@@ -503,7 +567,7 @@ def test_destination_full(hook_bin, make_overlay, tmp_path, tmpfs, method, older
     assert run.returncode == 1, run.log
     line = run.error_for("full")
     assert str(small / "archive") in line and "No space left on device" in line, line
-    assert tree(small) == before  # absent, or the older archive intact; no temporary
+    assert contents(small) == before  # absent, or the older archive intact; no temporary
     assert not (roomy / "full.ok").exists()
     assert_archive_of(roomy / "archive", method, ovl.upper)
     assert (roomy / "roomy.ok").is_file()
@@ -560,14 +624,14 @@ def test_archive_to_of_the_other_kind_is_kept(hook_bin, make_overlay, tmp_path, 
     else:
         archive_to.mkdir()
         (archive_to / "inside").write_text("an existing directory's content\n")
-    before = tree(out)
+    before = contents(out)
     state = hook_state(tmp_path, ovl, {"data": {"archive_to": str(archive_to), "method": method,
                                                 "success": str(out / "ok")}})  # fmt: skip
     run = hook(hook_bin, state)
     assert run.returncode == 1, run.log
     line = run.error_for("data")
     assert str(archive_to) in line and message in line, line
-    assert tree(out) == before
+    assert contents(out) == before
 
 
 # --- an unusable upperdir ----------------------------------------------------------------
@@ -654,7 +718,7 @@ def test_sigterm_mid_archive_removes_the_temporary(hook_bin, big_overlay, tmp_pa
     out = tmp_path / "out"
     archive_to = out / "archive"
     make_older_archive(archive_to, method)
-    before = tree(out)
+    before = contents(out)
     archive = {"archive_to": str(archive_to), "method": method, "success": str(out / "ok"),
                **fastest_level(method)}  # fmt: skip
     state = hook_state(tmp_path, big_overlay, {"data": archive})
@@ -663,7 +727,7 @@ def test_sigterm_mid_archive_removes_the_temporary(hook_bin, big_overlay, tmp_pa
         assert run.returncode == 1, run.log
         assert "SIGTERM" in run.error_for_event("terminated")
         assert not os.path.lexists(temporary)
-        assert tree(out) == before  # the older archive untouched, no temporary, no success file
+        assert contents(out) == before  # the older archive untouched, no temporary, no success file
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -742,3 +806,257 @@ def test_two_hooks_writing_one_archive_to(hook_bin, make_overlay, tmp_path, meth
         assert [r.returncode for r in runs] == [0, 0], "\n".join(r.log for r in runs)
         assert archived(archive_to, method) in expected  # one of them exactly, never a mix
         assert temporaries(out) == []
+
+
+# --- SIGKILL at every step of the commit -------------------------------------------------
+
+COMMIT_CALLS = ("renameat2", "renameat", "rename", "fsync", "fdatasync", "syncfs", "unlinkat")
+STRACE_LINE = re.compile(r"^(\d+)\s+(\w+)\(")
+
+
+def traced_calls(hook_bin: Path, state: str, trace: Path) -> list[tuple[int, str]]:
+    """(tid, system call) of a whole run, in order, for the calls a commit makes."""
+    proc = subprocess.run(
+        ["strace", "-f", "-qq", "-o", str(trace), "-e", f"trace={','.join(COMMIT_CALLS)}",
+         str(hook_bin)], input=state.encode(), capture_output=True, env={}, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    calls = []
+    for line in trace.read_text().splitlines():
+        match = STRACE_LINE.match(line)
+        if match and "resumed>" not in line:
+            calls.append((int(match.group(1)), match.group(2)))
+    return calls
+
+
+def commit_steps(calls: list[tuple[int, str]]) -> list[tuple[str, int]]:
+    """Each call of the commit as (system call, its invocation number in its thread): from
+    the last sync of the temporary before its first rename to the end of the run (the
+    exchange, the directory fsync, the removal of what was swapped out, the success file)."""
+    first_rename = next(i for i, (_, name) in enumerate(calls) if name.startswith("rename"))
+    tid = calls[first_rename][0]
+    mine = [(i, name) for i, (t, name) in enumerate(calls) if t == tid]
+    syncs = [i for i, name in mine if i < first_rename and name in ("fsync", "syncfs")]
+    start = syncs[-1] if syncs else first_rename
+    steps, seen = [], {}
+    for i, name in mine:
+        seen[name] = seen.get(name, 0) + 1
+        if i >= start:
+            steps.append((name, seen[name]))
+    return steps
+
+
+def read_any(archive_to: Path, method: str) -> dict[str, tuple]:
+    if method == "copy" or not method.endswith("zstd") and not method.endswith("zst"):
+        return archived(archive_to, method)
+    plain = archive_to.parent.parent / "plain.tar"
+    with open(plain, "wb") as out:
+        subprocess.run(["zstd", "-dc", str(archive_to)], stdout=out, check=True)
+    try:
+        return tar_tree(plain)
+    finally:
+        plain.unlink()
+
+
+def fresh_older(out: Path, archive_to: Path, method: str) -> dict[str, tuple]:
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    make_older_archive(archive_to, method)
+    return tree(archive_to)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_sigkill_at_every_step_of_the_commit(hook_bin, make_overlay, tmp_path, method):
+    """SIGKILL (strace injects it) at each call of the commit, one run each: archive-to is the
+    old archive or the new one, whole (never missing, never a mix), the success file only
+    beside the new one, an oci-layer's descriptor only for the layer beside it; the next run
+    writes the archive and leaves no temporary."""
+    if subprocess.run(["which", "strace"], check=False, capture_output=True).returncode:
+        pytest.fail("strace missing (apt-get install strace)")
+    ovl = small_tree(make_overlay())
+    out = tmp_path / "out"
+    archive_to = out / "archive"
+    archive = {"archive_to": str(archive_to), "method": method, "success": str(out / "ok")}
+    state = hook_state(tmp_path, ovl, {"data": archive})
+    old = fresh_older(out, archive_to, method)
+    steps = commit_steps(traced_calls(hook_bin, state, tmp_path / "trace"))
+    new = read_any(archive_to, method)  # what the untouched run wrote
+    assert method != "copy" or new == tree(ovl.upper)
+    assert any(name == "renameat2" for name, _ in steps), steps  # the exchange is among them
+    outcomes = set()
+    for name, when in steps:
+        old = fresh_older(out, archive_to, method)
+        proc = subprocess.run(
+            ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={name}",
+             "-e", f"inject={name}:signal=KILL:when={when}", str(hook_bin)],
+            input=state.encode(), capture_output=True, env={}, timeout=60, check=False,
+        )  # fmt: skip
+        at = f"SIGKILL at {name} #{when}"
+        assert proc.returncode in (-9, 137), (at, proc.returncode, proc.stderr.decode())
+        if tree(archive_to) == old:
+            outcome = "old"
+            assert not (out / "ok").exists(), at
+        else:
+            outcome = "new"
+            assert read_any(archive_to, method) == new, at
+        descriptor = Path(f"{archive_to}.json")
+        if descriptor.exists():
+            assert outcome == "new", at
+            digest_now = "sha256:" + hashlib.sha256(archive_to.read_bytes()).hexdigest()
+            assert json_digest(descriptor) == digest_now, at
+        outcomes.add(outcome)
+        after = hook(hook_bin, state)
+        assert after.returncode == 0, (at, after.log)
+        assert temporaries(out) == [], (at, temporaries(out))
+        assert read_any(archive_to, method) == new and (out / "ok").is_file(), at
+    assert outcomes == {"old", "new"}, (steps, outcomes)  # both sides of the exchange were hit
+
+
+def json_digest(descriptor: Path) -> str:
+    import json
+
+    return json.loads(descriptor.read_text())["digest"]
+
+
+# --- temporaries of other runs: which the next run removes -----------------------------
+
+# Makes a temporary for archive-to DIR/NAME named with PID (its own when "self"), with some
+# data in it; holds an flock on it (as a live writer does) when asked; waits on stdin.
+MAKE_TEMPORARY = """import fcntl, os, sys
+directory, name, pid, lock = sys.argv[1:]
+pid = os.getpid() if pid == "self" else int(pid)
+path = os.path.join(directory, f".{name}.archive_overlay-tmp-{pid}-0badc0de")
+fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+os.write(fd, b"half an archive")
+if lock == "lock":
+    fcntl.flock(fd, fcntl.LOCK_EX)
+print(path, flush=True)
+sys.stdin.readline()
+"""
+
+TEMPORARY_CASES = {  # case: (whose pid names it, held locked, removed by the next run)
+    "live-writer": ("self", True, False),
+    "dead-pid-but-locked": ("dead", True, False),  # a writer this namespace cannot see
+    "reused-pid": ("alive", False, False),  # its writer died, another process got its pid
+    "dead-writer": ("dead", False, True),
+}
+
+
+def gone_pid() -> int:
+    """A pid that was just used and whose process has ended."""
+    proc = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+@pytest.mark.parametrize("case", TEMPORARY_CASES)
+def test_the_next_run_removes_only_dead_unlocked_temporaries(hook_bin, make_overlay, tmp_path,
+                                                             case):  # fmt: skip
+    """A run for the same archive-to (here while the other temporary's writer is still
+    there) removes a temporary only once its pid is gone and nobody holds its lock."""
+    whose, locked, removed = TEMPORARY_CASES[case]
+    ovl = small_tree(make_overlay())
+    out = tmp_path / "out"
+    out.mkdir()
+    archive_to = out / "archive.tar"
+    other = subprocess.Popen(["sleep", "60"])  # a live process that is not a writer
+    pid = {"self": "self", "dead": str(gone_pid()), "alive": str(other.pid)}[whose]
+    maker = subprocess.Popen(
+        [sys.executable, "-c", MAKE_TEMPORARY, str(out), archive_to.name, pid,
+         "lock" if locked else "no"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert maker.stdout is not None
+        temporary = Path(maker.stdout.readline().strip())
+        assert temporary.exists()
+        if whose == "dead":
+            assert not Path(f"/proc/{pid}").exists()
+        if not locked:
+            maker.communicate("done\n", timeout=10)  # its maker gone: no lock, no holder
+        run = hook(hook_bin, hook_state(tmp_path, ovl, {"data": {
+            "archive_to": str(archive_to), "method": "tar"}}))  # fmt: skip
+        assert run.returncode == 0, run.log
+        assert_archive_of(archive_to, "tar", ovl.upper)
+        assert temporary.exists() != removed, f"{case}: {temporaries(out)}\n{run.log}"
+        assert ("removing a stale temporary" in run.log) == removed, run.log
+    finally:
+        other.kill()
+        if maker.poll() is None:
+            maker.communicate("done\n", timeout=10)
+
+
+# --- a symlink swapped in after the check ----------------------------------------------
+
+# Swaps allowed/sub (a directory) and allowed/sub.swap (a symlink leading out) with
+# renameat2(RENAME_EXCHANGE), as fast as it can, until killed: at any instant `sub` is one
+# or the other, so a hook's check and its component walk can see different things.
+SWAPPER = """import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+a, b = (os.fsencode(p) for p in sys.argv[1:3])
+print("swapping", flush=True)
+while True:
+    libc.renameat2(-100, a, -100, b, 2)
+"""
+RACE_RUNS = 40
+
+
+def test_a_symlink_swapped_in_after_the_check_is_refused_not_followed(hook_bin, make_overlay,
+                                                                     tmp_path, places):  # fmt: skip
+    """A racing process swaps a directory of archive-to's path with a symlink leading out of
+    --allow-dir. Runs whose check saw the directory and whose component walk (O_NOFOLLOW)
+    met the symlink must fail there; nothing is ever written outside."""
+    ovl = small_tree(make_overlay())
+    sub, swap = places / "allowed" / "sub", places / "allowed" / "sub.swap"
+    sub.mkdir()
+    os.symlink(places / "outside", swap)
+    outside_before = tree(places / "outside")
+    state = hook_state(tmp_path, ovl, {"data": {"archive_to": str(sub / "a.tar"),
+                                                "method": "tar"}})  # fmt: skip
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(sub), str(swap)],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    outcomes = {"checked out": 0, "refused by the walk": 0, "failed in the check": 0,
+                "written": 0}  # fmt: skip
+    try:
+        assert swapper.stdout is not None and swapper.stdout.readline() == "swapping\n"
+        for _ in range(RACE_RUNS):
+            run = hook(hook_bin, state, *allow(places))
+            if run.returncode == 0:
+                outcomes["written"] += 1
+            elif "is outside the allowed directories" in run.log:
+                outcomes["checked out"] += 1
+            elif "cannot open the directory of archive-to" in run.log:
+                error = run.error_for("data")
+                assert "Too many levels of symbolic links" in error or "Not a dir" in error
+                outcomes["refused by the walk"] += 1
+            else:  # realpath met `sub` mid-swap (lstat saw a link, readlink a directory)
+                assert f'error="Invalid argument: {sub}"' in run.error_for("data"), run.log
+                outcomes["failed in the check"] += 1
+            assert tree(places / "outside") == outside_before, (outcomes, run.log)
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert outcomes["refused by the walk"] > 0, outcomes  # the walk was reached on its own
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_live_writers_temporary_survives_another_run(hook_bin, big_overlay, tmp_path, method):
+    """A hook is stopped (SIGSTOP) while its temporary holds data; a second run for the same
+    archive-to runs whole meanwhile and must leave that temporary alone; the first, resumed,
+    then commits its archive too."""
+    out = tmp_path / "out"
+    archive_to = out / "archive"
+    archive = {"archive_to": str(archive_to), "method": method, **fastest_level(method)}
+    state = hook_state(tmp_path, big_overlay, {"data": archive})
+    first = start_hook(hook_bin, state)
+    try:
+        temporary = wait_for_temporary(out, archive_to.name, first)
+        first.send_signal(signal.SIGSTOP)
+        second = hook(hook_bin, state)
+        assert second.returncode == 0, second.log
+        assert os.path.lexists(temporary), second.log  # the live writer's, kept
+        assert "removing a stale temporary" not in second.log
+    finally:
+        first.send_signal(signal.SIGCONT)
+    run = finish(first)
+    assert run.returncode == 0, run.log
+    assert temporaries(out) == []
+    assert_archive_of(archive_to, method, big_overlay.upper)

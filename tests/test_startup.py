@@ -177,10 +177,12 @@ def test_modules_put_off_work_for_a_program_that_imports_the_hook(hook_bin):
 
 def test_every_module_a_run_loads_from_the_venv_is_compiled(hook_bin, tmp_path):
     """Installing compiles the bytecode: no run compiles a module (a rootless user could not
-    even save the result)."""
+    even save the result).  The venv is read-only for the whole session (conftest's
+    hook_bin), so no earlier run as root can have written what the install left out."""
+    venv = Path(interpreter(hook_bin)).parent.parent
+    assert not os.access(venv / "lib", os.W_OK), f"{venv} is writable: a run could save .pyc"
     bundle = write_bundle(tmp_path / "bundle", [], {})
     modules = loaded_by_run(hook_bin, state_json(bundle), tmp_path)
-    venv = Path(interpreter(hook_bin)).parent.parent
     from importlib.util import cache_from_source
 
     checked, stale = 0, []
