@@ -624,7 +624,9 @@ def test_the_default_keeps_a_long_chain_within_every_engines_limit(hook_bin, loo
                  "options": ["lowerdir=/nonexistent", f"upperdir={upper}"]}  # fmt: skip
         annotations = archive_annotations("root", mount_point="/data", archive_to=str(layout),
                                           method="oci-image", image_tag="app")  # fmt: skip
-        run = hook(hook_bin, state_json(write_bundle(tmp_path / "bundle", [mount], annotations)))
+        state = json.loads(state_json(write_bundle(tmp_path / "bundle", [mount], annotations)))
+        state["id"] = f"run{n}"  # another container each time: each commit stacks on the tag
+        run = hook(hook_bin, json.dumps(state))
         assert run.returncode == 0, run.log
         manifest = check_revision(layout, written_manifest(run, "root"), 100, n)
     assert len(manifest["layers"]) <= 100
