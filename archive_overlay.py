@@ -3004,6 +3004,9 @@ BASE_NAME = "org.opencontainers.image.base.name"
 # On a revision's manifest and its index.json descriptor: who committed it.
 COMMITTED_BY_CONTAINER = ANNOTATION_PREFIX + "container"
 COMMITTED_BY_ARCHIVE = ANNOTATION_PREFIX + "archive"
+# On a revision that merged layers of its base only: "<base digest> <first> <count>", its
+# layer `first` holds those layers of that base merged (see merged_before).
+MERGED_FROM = ANNOTATION_PREFIX + "merged"
 LAYOUT_FILE, INDEX_FILE, LOCK_FILE = "oci-layout", "index.json", "index.lock"
 BLOB_TMP = "blob"  # blobs' temporaries: .blob.archive_overlay-tmp-<pid>-<random> in the layout
 MAX_JSON_BLOB = 4 << 20  # image-spec: registries may refuse manifests over 4 MiB
@@ -3364,8 +3367,8 @@ def layer_entries(history: list) -> list[int]:
 
 
 def new_manifest(base: Base | None, layers: list[dict], config: dict, info: RunInfo,
-                 origin: dict[str, str] | None = None) -> dict:  # fmt: skip
-    annotations = {"org.opencontainers.image.created": info.created, **(origin or {})}
+                 marks: dict[str, str] | None = None) -> dict:  # fmt: skip
+    annotations = {"org.opencontainers.image.created": info.created, **(marks or {})}
     if base is not None:
         annotations[BASE_DIGEST] = base.digest
         if base.name is not None:
@@ -3374,9 +3377,9 @@ def new_manifest(base: Base | None, layers: list[dict], config: dict, info: RunI
             "layers": layers, "annotations": annotations}  # fmt: skip
 
 
-def tag_revision(layout: Layout, manifest: dict, tag: str, origin: dict[str, str] | None = None,
+def tag_revision(layout: Layout, manifest: dict, tag: str, marks: dict[str, str] | None = None,
                  move: bool = True, keep: int | None = None) -> None:  # fmt: skip
-    """index.json with the new manifest named `tag` (and annotated with `origin`); its
+    """index.json with the new manifest named `tag` (and annotated with `marks`: see committed_by, MERGED_FROM); its
     former holder kept, unnamed, with its other annotations, unless image-keep leaves it
     out (see Collecting a layout).  Without `move`, a tag held already fails the commit."""
     with layout.locked():
@@ -3389,7 +3392,7 @@ def tag_revision(layout: Layout, manifest: dict, tag: str, origin: dict[str, str
                 del annotations[REF_NAME]
                 if not annotations:
                     del descriptor["annotations"]
-        index["manifests"].append({**manifest, "annotations": {**(origin or {}), REF_NAME: tag}})
+        index["manifests"].append({**manifest, "annotations": {**(marks or {}), REF_NAME: tag}})
         if keep is not None:
             drop_old_revisions(layout, index, manifest["digest"], keep)
         layout.write(INDEX_FILE, index)
@@ -3424,14 +3427,16 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
                    info: RunInfo, excluded: frozenset[bytes] = frozenset()) -> Stats:  # fmt: skip
     """Layer, config, manifest, each fsync'd under its digest; only then index.json.
 
-    From its base to index.json, the commit holds blobs/sha256 locked shared, so that
-    no collector removes what it wrote or stacks on; then, with image-keep, it collects.
+    From its base to index.json and through the push, the commit holds blobs/sha256
+    locked shared, so that no collector removes what it wrote, stacks on or uploads;
+    then, with image-keep, it collects.
     """
     check_revision_inputs(archive, info)
     create = not archive.image_base  # a named base must be there already: nothing made
     layout = Layout(archive.archive_to, allow_dirs, create)
     stats = Stats()
     max_layers = archive.max_layers or DEFAULT_MAX_LAYERS
+    push_failure: ArchiveError | None = None
     try:
         layout.ensure_layout(create)
         origin = committed_by(archive, info)
@@ -3446,17 +3451,24 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
             config = new_config(base, stats.descriptor, archive, info)
             layers = list(base.manifest["layers"]) if base is not None else []
             layers.append({k: stats.descriptor[k] for k in ("mediaType", "digest", "size")})
-            stats.merged = squash(layout, config, layers, archive, info, max_layers)
+            stats.merged, merged_from = squash(layout, index, base, config, layers, archive,
+                                               info, max_layers)  # fmt: skip
             compact_history(config)
             config_descriptor = layout.put_json_blob(config, CONFIG_MEDIA_TYPE)
-            manifest = new_manifest(base, layers, config_descriptor, info, origin)
+            marks = {**origin, **merged_from}
+            manifest = new_manifest(base, layers, config_descriptor, info, marks)
             stats.descriptor = layout.put_json_blob(manifest, MANIFEST_MEDIA_TYPE)
             stats.layers = len(layers)
-            tag_revision(layout, stats.descriptor, archive.image_tag, origin,
+            tag_revision(layout, stats.descriptor, archive.image_tag, marks,
                          move=not archive.image_tag_once, keep=archive.keep)  # fmt: skip
+            try:  # still locked: no collector removes what the push is uploading
+                push_revision(layout, stats.descriptor, archive)
+            except ArchiveError as exc:
+                push_failure = exc
         if archive.keep is not None:
             collect(layout, archive.name)
-        push_revision(layout, stats.descriptor, archive)
+        if push_failure is not None:
+            raise push_failure
     except OSError as exc:
         if stats.current is not None:
             raise ArchiveError(failure(exc, upper, layout.path, stats)) from None
@@ -3469,9 +3481,10 @@ def write_revision(archive: Archive, upper: Upper, allow_dirs: tuple[str, ...],
 # ---------------------------------------------------------------------------
 # Keeping chains short: a commit that would give its revision more than
 # image-max-layers layers merges (see Merging layers) the older half of the
-# layers the hook wrote itself into one.  The base image's own layers (up to
-# the last layer whose history entry the hook did not write) stay first, byte
-# for byte.  The history keeps one entry per run: the merged runs' entries are
+# runs' layers the hook wrote into one, and leaves the layers it merged before
+# as they are, until those fill half the room (see squash_window).  The base
+# image's own layers (up to the last layer whose history entry the hook did not
+# write) stay first, byte for byte.  The history keeps one entry per run: the merged runs' entries are
 # marked empty_layer, and one entry after them stands for the merged layer.
 # ---------------------------------------------------------------------------
 
@@ -3512,39 +3525,104 @@ def check_room(base: Base | None, max_layers: int) -> None:
 
 
 def squash_window(history: list, layers: int, max_layers: int) -> tuple[int, int] | None:
-    """(first, count) of the layers to merge into one so that `layers` fit max_layers:
-    the older half of the hook's own layers, or more where that is not enough (the newest
-    too, when the base leaves room for only one); None when they fit."""
+    """(first, count) of the layers to merge into one so that `layers` fit max_layers;
+    None when they fit.  The older half of the runs' layers not merged yet, leaving the
+    layers merged before as they are (a registry has them already); once merged layers
+    fill half the room, the lightest half of those next to each other (the fewest runs:
+    runs of a similar age merge together, so a run's data is rewritten a few times over
+    a chain, not at every merge).  More where half is not enough (the newest layer too,
+    when the base leaves room for only one)."""
     if layers <= max_layers:
         return None
     first = base_layers(history, layers)
-    own = layers - first
-    return first, min(own, max(own // 2, layers - max_layers + 1))
+    own, needed = layers - first, layers - max_layers + 1
+    entries = [history[i] for i in layer_entries(history)][first:]
+    merged = next((i for i, e in enumerate(entries) if not is_merged(e)), len(entries))
+    runs = own - merged
+    if merged < (max_layers - first) // 2 and runs >= needed:
+        return first + merged, max(runs // 2, needed)
+    count = min(own, max(merged // 2, needed))
+    held = layer_runs(history)[first:]
+    starts = range(max(merged, count) - count + 1)
+    return first + min(starts, key=lambda i: (sum(held[i : i + count]), -i)), count
 
 
-def squash(layout: Layout, config: dict, layers: list[dict], archive: Archive, info: RunInfo,
-           max_layers: int) -> int:  # fmt: skip
-    """Merge layers where the revision would exceed max_layers; how many were merged."""
+def layer_runs(history: list) -> list[int]:
+    """For each layer, how many runs it holds: those the hook's entries since the layer
+    before it count (a merged layer's runs are listed above its own entry)."""
+    held, runs = [], 0
+    for entry in history:
+        if is_own(entry):
+            runs += runs_in(entry)
+        if not (isinstance(entry, dict) and entry.get("empty_layer")):
+            held.append(runs)
+            runs = 0
+    return held
+
+
+def is_merged(entry: object) -> bool:
+    """A history entry the hook wrote for a layer it merged."""
+    return is_own(entry) and str(entry.get("created_by", "")).endswith(" " + MERGED_BY)  # type: ignore[union-attr]
+
+
+def squash(layout: Layout, index: dict, base: Base | None, config: dict, layers: list[dict],
+           archive: Archive, info: RunInfo, max_layers: int) -> tuple[int, dict[str, str]]:  # fmt: skip
+    """Merge layers where the revision would exceed max_layers: how many were merged, and
+    the annotation saying which of the base's layers, when they all were the base's."""
     window = squash_window(config["history"], len(layers), max_layers)
     if window is None:
-        return 0
+        return 0, {}
     first, count = window
     started = time.monotonic()
-    stats = Stats()
+    key = None
+    if base is not None and first + count <= len(base.manifest["layers"]):
+        key = f"{base.digest} {first} {count}"
+    media_type = OCI_LAYER_MEDIA_TYPES[archive.compressor or "gzip"]
+    merged = merged_before(layout, index, key, first, media_type) if key else None
+    if merged is None:
+        stats = Stats()
 
-    def write(fd: int) -> None:
-        merge_layers(layout.open_blobs(), layers[first : first + count], layers[:first], fd,
-                     archive, stats)  # fmt: skip
+        def write(fd: int) -> None:
+            merge_layers(layout.open_blobs(), layers[first : first + count], layers[:first], fd,
+                         archive, stats)  # fmt: skip
 
-    layout.put_blob(write, stats)
-    merged = stats.descriptor
-    assert merged is not None
+        layout.put_blob(write, stats)
+        assert stats.descriptor is not None
+        merged = stats.descriptor
     layers[first : first + count] = [{k: merged[k] for k in ("mediaType", "digest", "size")}]
     config["rootfs"]["diff_ids"][first : first + count] = [merged["diff_id"]]
     merge_history(config["history"], first, count, info, max_layers)
     log.info("layers merged", archive=archive.name, layers=count, into=merged["digest"],
-             revision_layers=len(layers), seconds=round(time.monotonic() - started, 3))  # fmt: skip
-    return count
+             reused=merged.get("reused", False), revision_layers=len(layers),
+             seconds=round(time.monotonic() - started, 3))  # fmt: skip
+    return count, {MERGED_FROM: key} if key else {}
+
+
+def merged_before(layout: Layout, index: dict, key: str, first: int,
+                  media_type: str) -> dict | None:  # fmt: skip
+    """The layer an earlier commit on the same base merged from the same layers (a
+    container's second stop, a base pinned to a revision before a merge), while it is in
+    the layout: the same filesystem, not merged again, and uploaded once."""
+    for descriptor in reversed(index["manifests"]):
+        if descriptor.get("annotations", {}).get(MERGED_FROM) != key:
+            continue
+        try:
+            manifest = layout.read_blob(descriptor["digest"], "earlier merge's manifest")
+            layer = manifest["layers"][first]
+            config = layout.read_blob(manifest["config"]["digest"], "earlier merge's config")
+            diff_id = config["rootfs"]["diff_ids"][first]
+            digest = layer["digest"]
+            if (
+                layer.get("mediaType") != media_type
+                or not DIGEST_RE.fullmatch(digest)
+                or lstat_at(layout.open_blobs(), digest.removeprefix("sha256:")) is None
+            ):
+                continue  # fmt: skip
+        except (ArchiveError, KeyError, IndexError, TypeError):
+            continue
+        return {"mediaType": media_type, "digest": digest, "size": layer["size"],
+                "diff_id": diff_id, "reused": True}  # fmt: skip
+    return None
 
 
 def merge_history(history: list, first: int, count: int, info: RunInfo,

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,6 @@ from test_oci_image import (
     check_layout,
     image_args,
     image_state,
-    podman_loaded,
     read_json_blob,
     tagged,
     unpacked_view,
@@ -55,6 +55,7 @@ from test_safety import HookRun, describe, finish, hook, mounted, small_tree, st
 pytestmark = requires_root
 
 BASE_DIGEST = "org.opencontainers.image.base.digest"
+MERGED = "com.launchplatform.oci-hooks.archive-overlay.merged"
 
 
 def commit(hook_bin: Path, tmp_path: Path, ovl, layout: Path, tag: str = "data",
@@ -385,7 +386,8 @@ setfattr -n user.run -v "run $n" keep
 ) || exit 3
 """
 SQUASH_LOOP = LISTING + "echo '#####'\n" + SQUASH_CHANGES + LISTING
-SQUASH_RUNS = 9
+SQUASH_RUNS = 300
+SQUASH_MAX_LAYERS = 16  # 82 merges over 300 runs, most of them of merged layers
 
 
 def write_squash_data(root: Path) -> Path:
@@ -413,16 +415,20 @@ def check_revision(layout: Path, digest: str, max_layers: int, runs: int) -> dic
     return manifest
 
 
-@pytest.mark.parametrize("rootless", [False, True], ids=["rootful", "rootless"])
-def test_squashed_chain_is_what_each_container_left(
-    rootless: bool, loop_images: Path, hook_bin: Path, tmp_path: Path
-) -> None:
-    """image-max-layers=3 over 9 podman runs: the data image's layer stays first, the
-    hook's layers are merged as the chain grows, and each container mounts exactly what
-    the last one left (entry by entry, checksums); umoci agrees with it after every
-    commit; buildah commits on top of the last revision."""
-    if rootless:
-        require_tools("runuser", "newuidmap", "newgidmap")
+def podman_image_view(podman: Podman, image: str) -> Tree:
+    """`podman image mount` of an image, listed by the host's busybox (rootless: in the
+    user's namespace, where the mount is)."""
+    script = 'p=$(podman image mount "$1") && busybox sh -c "$2" sh "$p"; s=$?; ' \
+             'podman image unmount "$1" >/dev/null; exit $s'  # fmt: skip
+    cmd = ["busybox", "sh", "-c", script, "sh", image, LISTING]
+    if podman.user is not None:
+        cmd = ["podman", "unshare", *cmd]
+    return parse_listing(run_tool(podman.as_user(cmd)).stdout)
+
+
+def podman_chain(rootless: bool, loop_images: Path, hook_bin: Path, tmp_path: Path) -> None:
+    """SQUASH_RUNS podman runs, each mounting the last revision (an image mount) and
+    changing it; the hook commits each with image-max-layers=SQUASH_MAX_LAYERS."""
     user = ensure_user(TEST_USER) if rootless else None
     root = loop_images / ("sl" if rootless else "sf")
     podman = Podman(root, user=user)
@@ -439,45 +445,69 @@ def test_squashed_chain_is_what_each_container_left(
         user_tool(podman, "skopeo", "copy", "--quiet", "containers-storage:localhost/data:start",
                   f"oci:{layout}:data")  # fmt: skip
         base_layer = read_json_blob(layout, tagged(check_layout(layout), "data")[0])["layers"][0]
-        views: list[Tree] = []
-        merged_runs = 0
-        for n in range(1, SQUASH_RUNS + 1):
-            pinned = user_tool(podman, "skopeo", "inspect", "--format", "{{.Digest}}",
-                               f"oci:{layout}:data").stdout.strip()  # fmt: skip
-            image = f"localhost/data:in{n}"
-            podman.load(f"oci:{layout}:data", image)
+        last: Tree | None = None
+        merges = kept = 0
+        layers: list[dict] = []
+        merged_last = False
+        for n in range(1, SQUASH_RUNS + 2):
+            pinned = tagged(json.loads((layout / "index.json").read_text()), "data")[0]
+            podman.load(f"oci:{layout}:data", "localhost/data:in")
+            where = f"{'rootless' if rootless else 'rootful'} run {n}"
+            if merged_last:  # podman mounts the merged revision as the container saw it
+                assert last is not None
+                assert_same_tree(last, podman_image_view(podman, "localhost/data:in"),
+                                 f"podman image mount, {where}")  # fmt: skip
+            if n > SQUASH_RUNS:
+                break
             annotations = archive_annotations(
                 "data", mount_point="/data", archive_to=str(layout), image_tag="data",
-                image_base=pinned, method="oci-image", image_max_layers="3",
+                image_base=pinned, method="oci-image", image_max_layers=str(SQUASH_MAX_LAYERS),
             )  # fmt: skip
-            proc = podman(*podman_run_args(annotations, image, True, SQUASH_LOOP, "/data",
-                                           str(n)), check=False)  # fmt: skip
-            diag = (f"\n[run {n}] podman exit {proc.returncode}, stderr:\n{proc.stderr}"
-                    f"--- hook log:\n{read_log(log)}")  # fmt: skip
+            mark = len(read_log(log))
+            proc = podman(*podman_run_args(annotations, "localhost/data:in", True, SQUASH_LOOP,
+                                           "/data", str(n)), check=False)  # fmt: skip
+            diag = (f"\n[{where}] podman exit {proc.returncode}, stderr:\n{proc.stderr}"
+                    f"--- hook log (end):\n{read_log(log)[-4000:]}")  # fmt: skip
             assert proc.returncode == 0, diag
             before_text, _, after_text = proc.stdout.partition("#####\n")
             before, after = parse_listing(before_text), parse_listing(after_text)
-            if views:
-                assert_same_tree(views[-1], before, f"run {n}'s /data before its changes", diag)
-            views.append(after)
-            last_line = read_log(log).splitlines()[-1]
-            merged_runs += "merged_layers=" in last_line
-            digest = written_manifest(HookRun(0, last_line))
-            manifest = check_revision(layout, digest, 3, n)
+            if last is not None:
+                assert_same_tree(last, before, f"{where}'s /data before its changes", diag)
+            last = after
+            run_log = HookRun(0, read_log(log)[mark:])
+            merged_last = 'event="layers merged"' in run_log.log
+            merges += merged_last
+            manifest = check_revision(layout, written_manifest(run_log), SQUASH_MAX_LAYERS, n)
             assert manifest["layers"][0] == base_layer, diag  # the base's own, byte for byte
-            work = tmp_path / f"unpack{n}"
-            work.mkdir()
-            assert_same_tree(after, unpacked_view(layout, False, work), f"umoci, rev {n}", diag)
-        assert merged_runs >= SQUASH_RUNS - 2, merged_runs
-        last = podman(*podman_run_args({}, podman_loaded(podman, layout), False, LISTING,
-                                       "/data"))  # fmt: skip
-        assert_same_tree(views[-1], parse_listing(last.stdout), "a container of the last revision")
+            kept += merged_last and manifest["layers"][1] == layers[1]  # an older merge kept
+            layers = manifest["layers"]
+            if merged_last:
+                work = tmp_path / ("unpack-rootless" if rootless else "unpack-rootful")
+                work.mkdir(exist_ok=True)
+                assert_same_tree(after, unpacked_view(layout, False, work), f"umoci, {where}",
+                                 diag)  # fmt: skip
+        assert merges >= SQUASH_RUNS // 5 and kept >= merges // 2, (merges, kept)
         history = json.loads(run_tool(["skopeo", "inspect", "--config",
                                        f"oci:{layout}:data"]).stdout)["history"]  # fmt: skip
         comments = [h.get("comment", "") for h in history if not h.get("empty_layer")]
         assert any("runs merged into one layer" in c for c in comments), history
     finally:
         podman.teardown()
+
+
+def test_300_podman_runs_each_see_what_the_last_left(loop_images: Path, hook_bin: Path,
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    """300 runs of podman, rootful and rootless (native overlay) side by side, with
+    image-max-layers=16: each container mounts the last revision and sees exactly what the
+    last one left (entry by entry, checksums); after every merge, umoci's unpacking and
+    `podman image mount` equal what the container saw; the data image's layer stays
+    first, and the history lists every run."""
+    require_tools("runuser", "newuidmap", "newgidmap")
+    with ThreadPoolExecutor(2) as pool:
+        chains = [pool.submit(podman_chain, rootless, loop_images, hook_bin, tmp_path)
+                  for rootless in (False, True)]  # fmt: skip
+        for chain in chains:
+            chain.result()
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -551,11 +581,47 @@ def change_tree(merged: Path, n: int) -> None:
     os.utime(keep, ns=(n * 10**9 + 123, n * 10**9 + 456789))
 
 
+def unpacked(layout: Path, tag: str, work: Path) -> Path:
+    shutil.rmtree(work, ignore_errors=True)
+    run_tool(["umoci", "unpack", "--image", f"{layout}:{tag}", str(work)])
+    return work / "rootfs"
+
+
+def commit_over(hook_bin: Path, tmp_path: Path, layout: Path, rootfs: Path, n: int,
+                container: str, **args: str) -> tuple[HookRun, dict[str, tuple]]:  # fmt: skip
+    """Container `container` (its upperdir kept between its runs) makes run n's changes
+    in a real overlay on rootfs, then the hook commits them; what the run left."""
+    ovl = Overlay(tmp_path / f"ovl-{container}")
+    for d in (ovl.upper, ovl.work, ovl.merged):
+        d.mkdir(parents=True, exist_ok=True)
+    opts = f"lowerdir={rootfs},upperdir={ovl.upper},workdir={ovl.work}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(ovl.merged)], check=True)
+    try:
+        change_tree(ovl.merged, n)
+        expected = snapshot(ovl.merged)
+    finally:
+        subprocess.run(["umount", str(ovl.merged)], check=True)
+    mount = {
+        "destination": "/data",
+        "type": "overlay",
+        "source": "overlay",
+        "options": [f"lowerdir={rootfs}", f"upperdir={ovl.upper}", f"workdir={ovl.work}"],
+    }
+    annotations = archive_annotations("data", mount_point="/data", archive_to=str(layout),
+                                      method="oci-image", **args)  # fmt: skip
+    state = json.loads(state_json(write_bundle(tmp_path / f"bundle-{container}", [mount],
+                                               annotations)))  # fmt: skip
+    state["id"] = container
+    return hook(hook_bin, json.dumps(state)), expected
+
+
 def test_300_runs_each_mounting_the_last_revision(hook_bin, tmp_path):
-    """300 runs, image-max-layers=4: each run mounts the last revision (as umoci unpacks
+    """300 runs, image-max-layers=7: each run mounts the last revision (as umoci unpacks
     it) under a real overlay, changes it, and the hook commits it; the next unpacking
-    equals what the run left, entry by entry; every revision stays within 4 layers with
-    its base image's layer first, and its history lists every run."""
+    equals what the run left, entry by entry; every revision stays within 7 layers with
+    its base image's layer first, and its history lists every run.  Past the first merges,
+    merged layers fill half the room, and merges take layers between merged ones (what
+    lies below them, merged layers included, decides the whiteouts kept)."""
     seed = tmp_path / "seed"
     (seed / "keep").mkdir(parents=True)
     (seed / "keep" / "k").write_text("kept\n")
@@ -570,43 +636,65 @@ def test_300_runs_each_mounting_the_last_revision(hook_bin, tmp_path):
     base_layer = read_json_blob(layout, tagged(check_layout(layout), "data")[0])["layers"][0]
     expected: dict[str, tuple] | None = None
     for n in range(1, 301):
-        bundle = tmp_path / "bundle"
-        shutil.rmtree(bundle, ignore_errors=True)
-        run_tool(["umoci", "unpack", "--image", f"{layout}:data", str(bundle)])
-        rootfs = bundle / "rootfs"
+        rootfs = unpacked(layout, "data", tmp_path / "bundle")
         if expected is not None:
             assert snapshot(rootfs) == expected, f"revision {n - 1} is not what run {n - 1} left"
-        ovl = Overlay(tmp_path / f"run{n % 2}")
-        shutil.rmtree(ovl.root, ignore_errors=True)
-        for d in (ovl.upper, ovl.work, ovl.merged):
-            d.mkdir(parents=True)
-        opts = f"lowerdir={rootfs},upperdir={ovl.upper},workdir={ovl.work}"
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(ovl.merged)],
-                       check=True)  # fmt: skip
-        try:
-            change_tree(ovl.merged, n)
-            expected = snapshot(ovl.merged)
-        finally:
-            subprocess.run(["umount", str(ovl.merged)], check=True)
         pinned = tagged(json.loads((layout / "index.json").read_text()), "data")[0]
-        mount = {"destination": "/data", "type": "overlay", "source": "overlay",
-                 "options": [f"lowerdir={rootfs}", f"upperdir={ovl.upper}",
-                             f"workdir={ovl.work}"]}  # fmt: skip
-        annotations = archive_annotations("data", mount_point="/data", archive_to=str(layout),
-                                          method="oci-image", image_tag="data",
-                                          image_base=pinned, image_max_layers="4")  # fmt: skip
-        bundle_dir = write_bundle(tmp_path / "hook-bundle", [mount], annotations)
-        run = hook(hook_bin, state_json(bundle_dir))
+        run, expected = commit_over(hook_bin, tmp_path, layout, rootfs, n, f"run{n}",
+                                    image_tag="data", image_base=pinned,
+                                    image_max_layers="7")  # fmt: skip
         assert run.returncode == 0, run.log
-        manifest = check_revision(layout, written_manifest(run), 4, n)
+        manifest = check_revision(layout, written_manifest(run), 7, n)
         assert manifest["layers"][0] == base_layer
-    bundle = tmp_path / "bundle"
-    shutil.rmtree(bundle, ignore_errors=True)
-    run_tool(["umoci", "unpack", "--image", f"{layout}:data", str(bundle)])
-    assert snapshot(bundle / "rootfs") == expected
+        shutil.rmtree(tmp_path / f"ovl-run{n}")
+    assert snapshot(unpacked(layout, "data", tmp_path / "bundle")) == expected
     history = json.loads(run_tool(["skopeo", "inspect", "--config",
                                    f"oci:{layout}:data"]).stdout)["history"]  # fmt: skip
     assert sum(1 for h in history if h.get("comment", "").startswith("container ")) == 300
+
+
+def merge_line(run: HookRun) -> str:
+    lines = [line for line in run.log.splitlines() if 'event="layers merged"' in line]
+    assert len(lines) == 1, run.log
+    return lines[0]
+
+
+def test_a_merge_of_the_same_base_is_recognised_and_not_merged_again(hook_bin, tmp_path):
+    """Two containers start from the revision before a merge (pinned by image-base), and
+    one of them stops twice (its second commit goes on the base of its first): the first
+    commit merges, records which layers of which base it merged, and the others take that
+    merged layer as it is; umoci unpacks each revision as its container left it."""
+    seed = tmp_path / "seed"
+    (seed / "keep").mkdir(parents=True)
+    (seed / "keep" / "k").write_text("kept\n")
+    (seed / "changing").write_text("first line\n")
+    (seed / "redo").mkdir()
+    (seed / "toggle").write_text("a file in the base\n")
+    layout = tmp_path / "layout"
+    build_oci_image(layout, "data", seed)
+    for n in range(1, 4):
+        rootfs = unpacked(layout, "data", tmp_path / "bundle")
+        run, _ = commit_over(hook_bin, tmp_path, layout, rootfs, n, f"run{n}", image_tag="data",
+                             image_max_layers="4")  # fmt: skip
+        assert run.returncode == 0 and "layers merged" not in run.log, run.log
+    tip = tagged(json.loads((layout / "index.json").read_text()), "data")[0]
+    assert len(read_json_blob(layout, tip)["layers"]) == 4
+    rootfs = unpacked(layout, "data", tmp_path / "tip")
+    merged_layer = None
+    for n, container, tag, reused in [(4, "a", "a", False), (5, "b", "b", True),
+                                      (6, "a", "a", True)]:  # fmt: skip
+        pin = {"image_base": tip} if container == "b" or n == 4 else {}
+        run, expected = commit_over(hook_bin, tmp_path, layout, rootfs, n, container,
+                                    image_tag=tag, image_max_layers="4", **pin)  # fmt: skip
+        assert run.returncode == 0, run.log
+        assert f"reused={reused}" in merge_line(run), run.log
+        manifest = read_json_blob(layout, written_manifest(run))
+        assert manifest["annotations"][BASE_DIGEST] == tip
+        assert manifest["annotations"][MERGED] == f"{tip} 1 2"
+        assert len(manifest["layers"]) == 3
+        merged_layer = merged_layer or manifest["layers"][1]
+        assert manifest["layers"][1] == merged_layer, (n, manifest["layers"])
+        assert snapshot(unpacked(layout, tag, tmp_path / f"check{n}")) == expected, n
 
 
 def test_the_default_keeps_a_long_chain_within_every_engines_limit(hook_bin, loop_images, tmp_path):

@@ -38,6 +38,7 @@ from test_oci_image import (
     image_args,
     image_state,
     loop_images,  # noqa: F401 - a fixture
+    read_json_blob,
     tagged,
     user_tool,
     written_manifest,
@@ -51,7 +52,7 @@ from test_oci_layer import (
     read_log,
     require_tools,
 )
-from test_safety import TMP_MARK, HookRun, hook, mounted
+from test_safety import TMP_MARK, HookRun, finish, hook, mounted, start_hook
 
 pytestmark = requires_root
 
@@ -498,6 +499,56 @@ def test_a_dead_pushs_private_layout_is_swept(hook_bin, make_overlay, tmp_path, 
     result = hook(hook_bin, state)
     assert result.returncode == 0, result.log
     assert "removing a stale temporary" in result.log and not stale.exists()
+
+
+def test_a_collection_never_takes_the_blobs_of_a_push_in_flight(hook_bin, make_overlay, tmp_path,
+                                                               registry):  # fmt: skip
+    """Commit A's push is held (its skopeo waits for a file) while commit B, with
+    image-keep=1, drops A from index.json and collects: B leaves the collection to the next
+    commit, A's push then uploads A whole; the next commit collects A's own blobs."""
+    ovl = make_overlay()
+    layout = tmp_path / "layout"
+    ref = f"{registry.host}/data:latest"
+    started, go = tmp_path / "skopeo-started", tmp_path / "skopeo-go"
+    wrapper = tmp_path / "held-skopeo"
+    wrapper.write_text(f"#!/bin/sh\ntouch {started}\nwhile [ ! -e {go} ]; do sleep 0.05; done\n"
+                       f"exec {shutil.which('skopeo')} \"$@\"\n")  # fmt: skip
+    wrapper.chmod(0o755)
+    change(ovl, 1)
+    first = hook(hook_bin, image_state(tmp_path, ovl, {"data": image_args(layout)},
+                                       container="run1"))  # fmt: skip
+    assert first.returncode == 0, first.log
+    change(ovl, 2)
+    held = start_hook(hook_bin, image_state(tmp_path / "a", ovl, {"data": push_args(layout, ref)},
+                                            container="run2"), "--skopeo", str(wrapper))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert held.poll() is None and time.monotonic() < deadline, held.stdout.read()
+            time.sleep(0.02)
+        pushing = tagged(json.loads((layout / "index.json").read_text()), "data")[0]
+        pushed_blobs = [pushing, read_json_blob(layout, pushing)["config"]["digest"]]
+        change(ovl, 3)
+        other = hook(hook_bin, image_state(tmp_path / "b", ovl,
+                                           {"data": image_args(layout, image_keep="1")},
+                                           container="run3"))  # fmt: skip
+        assert other.returncode == 0, other.log
+        assert "collection left to the next commit" in other.log, other.log
+        index = json.loads((layout / "index.json").read_text())  # the push's layout is there
+        assert pushing not in [d["digest"] for d in index["manifests"]]
+        assert all(blob(layout, d).exists() for d in pushed_blobs), "a push in flight lost blobs"
+    finally:
+        go.touch()
+    result = finish(held)
+    assert result.returncode == 0, result.log
+    assert registry.manifest("data", "latest")[1] == pushing
+    assert pulled_whole(registry, f"{registry.host}/data@{pushing}", tmp_path / "pulled") == pushing
+    change(ovl, 4)
+    last = hook(hook_bin, image_state(tmp_path / "c", ovl,
+                                      {"data": image_args(layout, image_keep="1")},
+                                      container="run4"))  # fmt: skip
+    assert last.returncode == 0, last.log
+    assert not any(blob(layout, d).exists() for d in pushed_blobs), "the next commit collects"
 
 
 def test_two_hosts_one_tag_last_push_wins_and_a_tag_per_container_keeps_each_chain(
