@@ -3593,7 +3593,7 @@ def squash(layout: Layout, index: dict, base: Base | None, config: dict, layers:
     config["rootfs"]["diff_ids"][first : first + count] = [merged["diff_id"]]
     merge_history(config["history"], first, count, info, max_layers)
     log.info("layers merged", archive=archive.name, layers=count, into=merged["digest"],
-             reused=merged.get("reused", False), revision_layers=len(layers),
+             reused=str(merged.get("reused", False)).lower(), revision_layers=len(layers),
              seconds=round(time.monotonic() - started, 3))  # fmt: skip
     return count, {MERGED_FROM: key} if key else {}
 
