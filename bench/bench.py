@@ -1059,19 +1059,20 @@ def run_chain_row(row: ChainRow, scratch: Path) -> None:
     row.cpus.append(cpu)
     row.rss.append(rss)
     if row.stdin is not None:  # the hook: what its log says it did, checked in the layout
-        written = re.search(r'event="archive written" .* layers=(\d+) seconds=([0-9.]+)', stderr)
-        if not written:
+        line = next((x for x in stderr.splitlines() if 'event="archive written"' in x), "")
+        layers, seconds = re.search(r" layers=(\d+)", line), re.search(r" seconds=([0-9.]+)", line)
+        if not (layers and seconds):
             sys.exit(f"{row.name}: no 'archive written' line in the hook's log: {stderr}")
         merged = re.search(r'event="layers merged" .* layers=(\d+)', stderr)
-        row.layers, row.merged = int(written.group(1)), int(merged.group(1)) if merged else 0
-        row.own_seconds.append(float(written.group(2)))
+        row.layers, row.merged = int(layers.group(1)), int(merged.group(1)) if merged else 0
+        row.own_seconds.append(float(seconds.group(1)))
         new = layer_descriptors(row.copy, "bench")
         old = {d["digest"] for d in layer_descriptors(row.copy, row.tip)}
         if len(new) != row.layers:
             sys.exit(f"{row.name}: the revision has {len(new)} layers, the log says {row.layers}")
         row.written = sum(d["size"] for d in new if d["digest"] not in old)
-    elif row.layout is not None:  # the merge driver: its layer is the squashed tag's last
-        row.written = layer_descriptors(row.layout, "squashed")[-1]["size"]
+    elif row.copy is not None:  # the merge driver: its layer is the squashed tag's last
+        row.written = layer_descriptors(row.copy, "squashed")[-1]["size"]
     if row.output is not None:
         row.written = row.output.stat().st_size
     log(f"{row.name}: {wall:.2f}s cpu {cpu:.2f}s rss {rss // 1024} MiB")
@@ -1091,28 +1092,30 @@ def chain_rows(a: argparse.Namespace, root: Path, layout: Path, layers: int, cha
     chain = ["unpacked/rootfs", *(f"r{i}/u" for i in range(1, layers + 1))]
     tip_run = make_run(root, "run-on-tip", chain, change)
 
-    def commit(name: str, on: str, options: list[str], bundle: str, **args: str) -> ChainRow:
-        copy = scratch / f"layout-{bundle}"
-        state = commit_bundle(root / bundle, options, copy, "bench", on, **args)
-        return ChainRow(name, [hook], state, layout, copy, on)
+    def commit(name: str, on: str, options: list[str], **args: str) -> ChainRow:
+        bundle = root / f"bundle-{len(rows)}"
+        shutil.rmtree(bundle, ignore_errors=True)
+        bundle.mkdir()
+        copy = scratch / f"layout-{len(rows)}"
+        rows.append(ChainRow(name, [hook], commit_bundle(bundle, options, copy, "bench", on,
+                                                         **args), layout, copy, on))  # fmt: skip
+        return rows[-1]
 
     at_limit = {} if depth == DEFAULT_MAX_LAYERS else {"image-max-layers": str(depth)}
-    rows = [
-        commit("hook commit on the data image (a 2-layer revision)", "base", base_run,
-               "run-on-base"),
-        commit(f"hook commit on the {depth}-layer tip, image-max-layers={depth + 1} (no merge)",
-               tip, tip_run, "run-on-tip", **{"image-max-layers": str(depth + 1)}),
-        commit(f"hook commit on the {depth}-layer tip, image-max-layers="
-               f"{'100 (default)' if not at_limit else depth}: merges the older half", tip,
-               tip_run, "run-on-tip", **at_limit),
-        commit(f"hook commit on the {depth}-layer tip, image-max-layers=3: merges all {layers}",
-               tip, tip_run, "run-on-tip", **{"image-max-layers": "3"}),
-    ]  # fmt: skip
+    rows: list[ChainRow] = []
+    commit("hook commit on the data image (a 2-layer revision)", "base", base_run)
+    commit(f"hook commit on the {depth}-layer tip, image-max-layers={depth + 1} (no merge)",
+           tip, tip_run, **{"image-max-layers": str(depth + 1)})  # fmt: skip
+    commit(f"hook commit on the {depth}-layer tip, image-max-layers="
+           f"{'100 (default)' if not at_limit else depth}: merges the older half", tip,
+           tip_run, **at_limit)  # fmt: skip
+    commit(f"hook commit on the {depth}-layer tip, image-max-layers=3: merges all {layers}",
+           tip, tip_run, **{"image-max-layers": "3"})  # fmt: skip
     if a.squash is not None:
-        python = str(a.hook.parent / "python")
+        python, copy = str(a.hook.parent / "python"), scratch / "layout-driver"
         rows.append(ChainRow(f"merge_layers of the {layers} (squash_driver.py, no commit)",
-                             [python, str(SQUASH_DRIVER), str(layout), tip, "base", "squashed"],
-                             layout=layout))  # fmt: skip
+                             [python, str(SQUASH_DRIVER), str(copy), tip, "base", "squashed"],
+                             layout=layout, copy=copy))  # fmt: skip
     flat, upper = scratch / "flat.tar.gz", root / "run-on-tip" / "u"
     rows.append(ChainRow(FLATTEN, ["sh", "-c", (
         f"umoci unpack --image {shlex.quote(f'{layout}:{tip}')} {scratch}/bundle && "
@@ -1291,7 +1294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " pigz of the chain (default 99: the tip has 100 layers, the default limit)",
     )
     p.add_argument("--chain-kib", type=int, default=1024, metavar="KIB",
-                   help="with --chain, the random data a run writes (default %(default)s)")  # fmt: skip
+                   help="with --chain, data a run writes (default %(default)s)")  # fmt: skip
     p.add_argument(
         "--push",
         type=int,
