@@ -923,7 +923,7 @@ def squash_run_changes(merged: Path, i: int, files: int, content: Content) -> No
     shutil.rmtree(merged / "churn", ignore_errors=True)
     (merged / "churn").mkdir()
     (merged / "churn" / f"c{i}").write_text(f"{i}\n")
-    (merged / "base" / f"b{i % SQUASH_BASE_FILES}").unlink(missing_ok=True)
+    (merged / "base" / f"b{i}").unlink(missing_ok=True)  # when the data image has it
 
 
 def chain_run_changes(merged: Path, i: int, size: int) -> None:
@@ -965,9 +965,11 @@ def commit_bundle(bundle: Path, options: list[str], layout: Path, tag: str, base
     return json.dumps(state).encode()
 
 
-def build_squash_chain(root: Path, hook: Path, layers: int, files: int, seed: int) -> Path:
+def build_squash_chain(root: Path, hook: Path, layers: int, files: int, seed: int,
+                       base_files: int) -> Path:  # fmt: skip
     """The --squash chain: each run as squash_run_changes makes it."""
-    params = {"version": SQUASH_VERSION, "layers": layers, "files": files, "seed": seed}
+    params = {"version": SQUASH_VERSION, "layers": layers, "files": files, "seed": seed,
+              "base_files": base_files}  # fmt: skip
     return build_chain(root, hook, layers, params,
                        lambda m, i, content: squash_run_changes(m, i, files, content))  # fmt: skip
 
@@ -984,7 +986,7 @@ def build_chain(root: Path, hook: Path, layers: int, params: dict, changes) -> P
     shutil.rmtree(root, ignore_errors=True)
     content = Content(random.Random(params["seed"]), pool_size=4 * MIB)
     (root / "data" / "base").mkdir(parents=True)
-    for j in range(SQUASH_BASE_FILES):
+    for j in range(params["base_files"]):
         _write_file(root / "data" / "base" / f"b{j}", content, SQUASH_FILE_SIZE)
     layout = root / "img"
     for cmd in (["umoci", "init", "--layout", str(layout)],
@@ -1137,8 +1139,8 @@ def bench_chain(a: argparse.Namespace, base: Path) -> int:
             sys.exit(f"--squash and --chain need {tool}")
     if a.squash is not None:
         layers, files = a.squash, a.squash_files
-        root = base / f"squash-{layers}-{files}"
-        layout = build_squash_chain(root, a.hook, layers, files, a.seed)
+        root = base / f"squash-{layers}-{files}-{a.base_files}"
+        layout = build_squash_chain(root, a.hook, layers, files, a.seed, a.base_files)
         content = Content(random.Random(a.seed + layers + 1), pool_size=4 * MIB)
 
         def change(merged: Path) -> None:
@@ -1149,9 +1151,9 @@ def bench_chain(a: argparse.Namespace, base: Path) -> int:
                 f"quarter of the one before deleted)")  # fmt: skip
     else:
         layers, size = a.chain, a.chain_kib << 10
-        root = base / f"chain-{layers}-{a.chain_kib}"
+        root = base / f"chain-{layers}-{a.chain_kib}-{a.base_files}"
         params = {"kind": "chain", "version": CHAIN_VERSION, "layers": layers,
-                  "kib": a.chain_kib, "seed": a.seed}  # fmt: skip
+                  "kib": a.chain_kib, "seed": a.seed, "base_files": a.base_files}  # fmt: skip
         layout = build_chain(root, a.hook, layers, params,
                              lambda merged, i, _: chain_run_changes(merged, i, size))  # fmt: skip
 
@@ -1169,14 +1171,14 @@ def bench_chain(a: argparse.Namespace, base: Path) -> int:
         for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
             run_chain_row(row, scratch)
     shutil.rmtree(scratch, ignore_errors=True)
-    print_chain_table(rows, what, a.rounds)
+    print_chain_table(rows, what, a.base_files, a.rounds)
     return 0
 
 
-def print_chain_table(rows: list[ChainRow], what: str, rounds: int) -> None:
+def print_chain_table(rows: list[ChainRow], what: str, base_files: int, rounds: int) -> None:
     """Medians; each ratio is the median over rounds of the row's time over the yardstick's
     in the same round."""
-    print(f"\n### Chains: {what}, on a data image of {SQUASH_BASE_FILES} files of "
+    print(f"\n### Chains: {what}, on a data image of {base_files} files of "
           f"{SQUASH_FILE_SIZE >> 10} KiB\n")  # fmt: skip
     print(f"{os.cpu_count()} CPUs; median of {rounds} rounds, the runs alternating; each hook "
           f"run on a fresh copy of the layout; load average at the end "
@@ -1295,6 +1297,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--chain-kib", type=int, default=1024, metavar="KIB",
                    help="with --chain, data a run writes (default %(default)s)")  # fmt: skip
+    p.add_argument("--base-files", type=int, default=SQUASH_BASE_FILES, metavar="N",
+                   help="with --squash or --chain, files of 8 KiB in the data image the chain"
+                   " stands on (default %(default)s)")  # fmt: skip
     p.add_argument(
         "--push",
         type=int,
