@@ -1134,9 +1134,9 @@ def bench_chain(a: argparse.Namespace, base: Path) -> int:
     """--squash LAYERS (runs of many small files) or --chain LAYERS (a 1 MiB file a run)."""
     if not os.access(a.hook, os.X_OK):
         sys.exit(f"--squash and --chain need the installed hook: {a.hook} not found")
-    for tool in ("umoci", "pigz", "tar", "cp"):
+    for tool in ("umoci", "pigz", "tar", "cp", GNU_TIME):
         if not shutil.which(tool):
-            sys.exit(f"--squash and --chain need {tool}")
+            sys.exit(f"--squash and --chain need {tool}")  # GNU time: each process's peak RSS
     if a.squash is not None:
         layers, files = a.squash, a.squash_files
         root = base / f"squash-{layers}-{files}-{a.base_files}"

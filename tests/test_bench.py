@@ -31,7 +31,7 @@ def table(stdout: str) -> dict[str, list[str]]:
 
 
 def run_bench(hook_bin: Path, workdir: Path, *args: str) -> dict[str, list[str]]:
-    for tool in ("umoci", "pigz", "skopeo"):
+    for tool in ("umoci", "pigz", "skopeo", "/usr/bin/time"):  # GNU time: the hook's peak RSS
         require(shutil.which(tool) is not None, f"{tool} not installed")
     cmd = [sys.executable, str(BENCH), "--hook", str(hook_bin), "--workdir", str(workdir),
            "--rounds", "2", "--base-files", "50", *args]  # fmt: skip
