@@ -1019,20 +1019,22 @@ def fresh_copy(layout: Path, copy: Path) -> None:
             subprocess.run(["cp", "-a", str(entry), str(copy / entry.name)], check=True)
 
 
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
 def layer_descriptors(layout: Path, tag: str) -> list[dict]:
+    """The layers of the revision tag names in layout."""
     index = json.loads((layout / "index.json").read_text())
     entry = next(m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) == tag)
     blob = layout / "blobs" / "sha256" / entry["digest"].removeprefix("sha256:")
     return json.loads(blob.read_text())["layers"]
 
 
-REF_NAME = "org.opencontainers.image.ref.name"
-
-
 @dataclass
 class ChainRow:
-    """One row: argv timed each round; a hook row (layout set) commits the tag `bench` on a
-    fresh copy of layout, whose tag `tip` it stacks on."""
+    """One row: argv timed each round.  A hook row (stdin: its state JSON) commits the tag
+    `bench` on the tag `tip` of a fresh copy of layout; the merge driver (no stdin) merges
+    in such a copy too."""
 
     name: str
     argv: list[str]
@@ -1093,6 +1095,7 @@ def chain_rows(a: argparse.Namespace, root: Path, layout: Path, layers: int, cha
     base_run = make_run(root, "run-on-base", ["unpacked/rootfs"], change)
     chain = ["unpacked/rootfs", *(f"r{i}/u" for i in range(1, layers + 1))]
     tip_run = make_run(root, "run-on-tip", chain, change)
+    rows: list[ChainRow] = []
 
     def commit(name: str, on: str, options: list[str], **args: str) -> ChainRow:
         bundle = root / f"bundle-{len(rows)}"
@@ -1104,7 +1107,6 @@ def chain_rows(a: argparse.Namespace, root: Path, layout: Path, layers: int, cha
         return rows[-1]
 
     at_limit = {} if depth == DEFAULT_MAX_LAYERS else {"image-max-layers": str(depth)}
-    rows: list[ChainRow] = []
     commit("hook commit on the data image (a 2-layer revision)", "base", base_run)
     commit(f"hook commit on the {depth}-layer tip, image-max-layers={depth + 1} (no merge)",
            tip, tip_run, **{"image-max-layers": str(depth + 1)})  # fmt: skip
