@@ -892,12 +892,20 @@ def median(values: list[float]) -> float:
 
 
 # ---------------------------------------------------------------------------
-# Squash (--squash): merging a revision chain's layers against re-flattening it
+# Chains (--squash, --chain): commits on a revision chain the hook built, the commit that
+# merges layers, against re-flattening the chain with umoci unpack + tar | pigz.  Every
+# hook row is the installed hook as a whole process (empty environment, state JSON piped)
+# committing a run's upperdir made through a real overlay; each run starts from a fresh
+# copy of the chain's layout, so all rounds do the same work.
 
 SQUASH_DRIVER = Path(__file__).resolve().parent.parent / "tests" / "squash_driver.py"
 SQUASH_FILE_SIZE = 8 << 10
 SQUASH_BASE_FILES = 2000
-SQUASH_VERSION = 1  # bump when the chain generator changes
+SQUASH_VERSION = 2  # bump when the chain generator changes
+CHAIN_VERSION = 1
+DEFAULT_MAX_LAYERS = 100  # archive_overlay.DEFAULT_MAX_LAYERS (bench.py imports nothing of it)
+FLATTEN = "umoci unpack + tar pax xattrs | pigz -6 of the chain"
+LAYER_BY_HAND = "tar pax xattrs | pigz -6 of the run's upperdir"
 
 
 def squash_run_changes(merged: Path, i: int, files: int, content: Content) -> None:
@@ -915,20 +923,70 @@ def squash_run_changes(merged: Path, i: int, files: int, content: Content) -> No
     shutil.rmtree(merged / "churn", ignore_errors=True)
     (merged / "churn").mkdir()
     (merged / "churn" / f"c{i}").write_text(f"{i}\n")
-    (merged / "base" / f"b{i % SQUASH_BASE_FILES}").unlink(missing_ok=True)
+    (merged / "base" / f"b{i}").unlink(missing_ok=True)  # when the data image has it
 
 
-def build_squash_chain(root: Path, hook: Path, layers: int, files: int, seed: int) -> Path:
-    """A layout: a data image (umoci), then `layers` revisions committed by the hook from
-    real overlays (lowers: the earlier upperdirs on the unpacked data image)."""
+def chain_run_changes(merged: Path, i: int, size: int) -> None:
+    """A --chain run: one new file of `size` random bytes (the same bytes for a run i)."""
+    (merged / "runs").mkdir(exist_ok=True)
+    (merged / "runs" / f"run{i}.bin").write_bytes(random.Random(i).randbytes(size))
+
+
+def make_run(root: Path, name: str, lowers: list[str], change) -> list[str]:
+    """root/name/u: a run's upperdir, made by change(merged) through a real overlay whose
+    lowers (paths relative to root) are the earlier runs' upperdirs; its mount options."""
+    run = root / name
+    shutil.rmtree(run, ignore_errors=True)
+    for d in ("u", "w", "m"):
+        (run / d).mkdir(parents=True)
+    options = [f"lowerdir={':'.join(reversed(lowers))}", f"upperdir={run}/u",
+               f"workdir={run}/w"]  # fmt: skip
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", ",".join(options),
+                    str(run / "m")], cwd=root, check=True)  # fmt: skip
+    try:
+        change(run / "m")
+    finally:
+        subprocess.run(["umount", str(run / "m")], check=True)
+    return options
+
+
+def commit_bundle(bundle: Path, options: list[str], layout: Path, tag: str, base: str,
+                  **args: str) -> bytes:  # fmt: skip
+    """bundle/config.json committing the overlay of `options` to layout as tag on base (more
+    annotation args in `args`); the state JSON to pipe to the hook."""
+    args = {"mount-point": "/data", "archive-to": str(layout), "method": "oci-image",
+            "image-tag": tag, "image-base": base, **args}  # fmt: skip
+    annotations = {f"{PREFIX}{ARCHIVE_NAME}.{k}": v for k, v in args.items()}
+    mount = {"destination": "/data", "type": "overlay", "source": str(bundle / "m"),
+             "options": options}  # fmt: skip
+    config = {"ociVersion": "1.0.2", "mounts": [mount], "annotations": annotations}
+    (bundle / "config.json").write_text(json.dumps(config))
+    state = {"ociVersion": "1.0.2", "id": bundle.name, "status": "stopped", "bundle": str(bundle)}
+    return json.dumps(state).encode()
+
+
+def build_squash_chain(root: Path, hook: Path, layers: int, files: int, seed: int,
+                       base_files: int) -> Path:  # fmt: skip
+    """The --squash chain: each run as squash_run_changes makes it."""
+    params = {"version": SQUASH_VERSION, "layers": layers, "files": files, "seed": seed,
+              "base_files": base_files}  # fmt: skip
+    return build_chain(root, hook, layers, params,
+                       lambda m, i, content: squash_run_changes(m, i, files, content))  # fmt: skip
+
+
+def build_chain(root: Path, hook: Path, layers: int, params: dict, changes) -> Path:
+    """A layout: a data image (umoci) tagged base, then `layers` revisions r1, r2, ...
+    committed by the hook (image-max-layers high enough that none merges) from real
+    overlays (lowers: the earlier upperdirs root/r<i>/u on the unpacked data image
+    root/unpacked/rootfs), each run's changes made by changes(merged, i, content).  Kept
+    under root while params match."""
     stamp = root / "chain.json"
-    params = {"version": SQUASH_VERSION, "layers": layers, "files": files, "seed": seed}
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         return root / "img"
     shutil.rmtree(root, ignore_errors=True)
-    content = Content(random.Random(seed), pool_size=4 * MIB)
+    content = Content(random.Random(params["seed"]), pool_size=4 * MIB)
     (root / "data" / "base").mkdir(parents=True)
-    for j in range(SQUASH_BASE_FILES):
+    for j in range(params["base_files"]):
         _write_file(root / "data" / "base" / f"b{j}", content, SQUASH_FILE_SIZE)
     layout = root / "img"
     for cmd in (["umoci", "init", "--layout", str(layout)],
@@ -938,88 +996,211 @@ def build_squash_chain(root: Path, hook: Path, layers: int, files: int, seed: in
         subprocess.run(cmd, check=True, capture_output=True)
     lowers, tag = ["unpacked/rootfs"], "base"
     for i in range(1, layers + 1):
-        run = root / f"r{i}"
-        for name in ("u", "w", "m"):
-            (run / name).mkdir(parents=True)
-        options = [f"lowerdir={':'.join(reversed(lowers))}", f"upperdir={run}/u",
-                   f"workdir={run}/w"]  # fmt: skip
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", ",".join(options),
-                        str(run / "m")], cwd=root, check=True)  # fmt: skip
-        try:
-            squash_run_changes(run / "m", i, files, content)
-        finally:
-            subprocess.run(["umount", str(run / "m")], check=True)
-        annotations = {f"{PREFIX}{ARCHIVE_NAME}.{k}": v for k, v in (
-            ("mount-point", "/data"), ("archive-to", str(layout)), ("method", "oci-image"),
-            ("image-tag", f"r{i}"), ("image-base", tag))}  # fmt: skip
-        mount = {"destination": "/data", "type": "overlay", "source": str(run / "m"),
-                 "options": options}  # fmt: skip
-        (run / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "mounts": [mount],
-                                                     "annotations": annotations}))  # fmt: skip
-        state = {"ociVersion": "1.0.2", "id": f"r{i}", "status": "stopped", "bundle": str(run)}
-        subprocess.run([str(hook)], input=json.dumps(state).encode(), env={}, check=True,
-                       capture_output=True)  # fmt: skip
+        options = make_run(root, f"r{i}", lowers, lambda m, i=i: changes(m, i, content))
+        state = commit_bundle(root / f"r{i}", options, layout, f"r{i}", tag,
+                              **{"image-max-layers": str(layers + 1)})  # fmt: skip
+        subprocess.run([str(hook)], input=state, env={}, check=True, capture_output=True)
         lowers.append(f"r{i}/u")
         tag = f"r{i}"
-        log(f"squash chain: revision {i}/{layers} committed")
+        if i % 10 == 0 or i == layers:
+            log(f"chain {root.name}: revision {i}/{layers} committed")
     stamp.write_text(json.dumps(params))
     return layout
 
 
-def bench_squash(a: argparse.Namespace, base: Path) -> int:
-    """Time merge_layers over every layer the hook wrote against umoci unpack + tar | pigz."""
+def fresh_copy(layout: Path, copy: Path) -> None:
+    """copy: the layout as it is, its blobs hardlinked (the hook never writes into a file
+    it did not create: blobs and index.json are renamed into place), the rest copied."""
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir(parents=True)
+    subprocess.run(["cp", "-al", str(layout / "blobs"), str(copy / "blobs")], check=True)
+    for entry in layout.iterdir():
+        if entry.name != "blobs":
+            subprocess.run(["cp", "-a", str(entry), str(copy / entry.name)], check=True)
+
+
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def layer_descriptors(layout: Path, tag: str) -> list[dict]:
+    """The layers of the revision tag names in layout."""
+    index = json.loads((layout / "index.json").read_text())
+    entry = next(m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) == tag)
+    blob = layout / "blobs" / "sha256" / entry["digest"].removeprefix("sha256:")
+    return json.loads(blob.read_text())["layers"]
+
+
+@dataclass
+class ChainRow:
+    """One row: argv timed each round.  A hook row (stdin: its state JSON) commits the tag
+    `bench` on the tag `tip` of a fresh copy of layout; the merge driver (no stdin) merges
+    in such a copy too."""
+
+    name: str
+    argv: list[str]
+    stdin: bytes | None = None
+    layout: Path | None = None  # the chain (hook rows and the merge driver)
+    copy: Path | None = None  # where each run's fresh copy of it goes
+    tip: str = ""
+    output: Path | None = None  # what a yardstick writes (its size reported)
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+    own_seconds: list[float] = field(default_factory=list)  # the hook's log: seconds=
+    layers: int = 0  # the new revision's layers (the hook's log)
+    merged: int = 0  # layers merged into one (the hook's log)
+    written: int = 0  # bytes of layers written (new layer + merged layer), or output bytes
+
+
+def run_chain_row(row: ChainRow, scratch: Path) -> None:
+    if row.copy is not None:
+        fresh_copy(row.layout, row.copy)
+    os.sync()
+    rc, stderr, wall, cpu, rss = run_measured(row.argv, row.stdin, {} if row.stdin else None)
+    if rc != 0:
+        sys.exit(f"{row.name} failed (exit {rc}): {stderr.strip()[-2000:]}")
+    row.walls.append(wall)
+    row.cpus.append(cpu)
+    row.rss.append(rss)
+    if row.stdin is not None:  # the hook: what its log says it did, checked in the layout
+        line = next((x for x in stderr.splitlines() if 'event="archive written"' in x), "")
+        layers, seconds = re.search(r" layers=(\d+)", line), re.search(r" seconds=([0-9.]+)", line)
+        if not (layers and seconds):
+            sys.exit(f"{row.name}: no 'archive written' line in the hook's log: {stderr}")
+        merged = re.search(r'event="layers merged" .* layers=(\d+)', stderr)
+        row.layers, row.merged = int(layers.group(1)), int(merged.group(1)) if merged else 0
+        row.own_seconds.append(float(seconds.group(1)))
+        new = layer_descriptors(row.copy, "bench")
+        old = {d["digest"] for d in layer_descriptors(row.copy, row.tip)}
+        if len(new) != row.layers:
+            sys.exit(f"{row.name}: the revision has {len(new)} layers, the log says {row.layers}")
+        row.written = sum(d["size"] for d in new if d["digest"] not in old)
+    elif row.copy is not None:  # the merge driver: its layer is the squashed tag's last
+        row.written = layer_descriptors(row.copy, "squashed")[-1]["size"]
+    if row.output is not None:
+        row.written = row.output.stat().st_size
+    log(f"{row.name}: {wall:.2f}s cpu {cpu:.2f}s rss {rss // 1024} MiB")
+    shutil.rmtree(scratch / "bundle", ignore_errors=True)
+    for path in (row.output, row.copy):
+        if path is not None:
+            remove(path)
+
+
+def chain_rows(a: argparse.Namespace, root: Path, layout: Path, layers: int, change,
+               scratch: Path) -> list[ChainRow]:  # fmt: skip
+    """The hook's commits of one run (change(merged)) on the data image and on the chain's
+    tip, the yardsticks, and (with --squash) the merge driver."""
+    hook, tip = str(a.hook), f"r{layers}"
+    depth = layers + 1  # the tip's layers: the data image's one and the hook's
+    base_run = make_run(root, "run-on-base", ["unpacked/rootfs"], change)
+    chain = ["unpacked/rootfs", *(f"r{i}/u" for i in range(1, layers + 1))]
+    tip_run = make_run(root, "run-on-tip", chain, change)
+    rows: list[ChainRow] = []
+
+    def commit(name: str, on: str, options: list[str], **args: str) -> ChainRow:
+        bundle = root / f"bundle-{len(rows)}"
+        shutil.rmtree(bundle, ignore_errors=True)
+        bundle.mkdir()
+        copy = scratch / f"layout-{len(rows)}"
+        rows.append(ChainRow(name, [hook], commit_bundle(bundle, options, copy, "bench", on,
+                                                         **args), layout, copy, on))  # fmt: skip
+        return rows[-1]
+
+    at_limit = {} if depth == DEFAULT_MAX_LAYERS else {"image-max-layers": str(depth)}
+    commit("hook commit on the data image (a 2-layer revision)", "base", base_run)
+    commit(f"hook commit on the {depth}-layer tip, image-max-layers={depth + 1} (no merge)",
+           tip, tip_run, **{"image-max-layers": str(depth + 1)})  # fmt: skip
+    commit(f"hook commit on the {depth}-layer tip, image-max-layers="
+           f"{'100 (default)' if not at_limit else depth}: merges the older half", tip,
+           tip_run, **at_limit)  # fmt: skip
+    commit(f"hook commit on the {depth}-layer tip, image-max-layers=3: merges all {layers}",
+           tip, tip_run, **{"image-max-layers": "3"})  # fmt: skip
+    if a.squash is not None:
+        python, copy = str(a.hook.parent / "python"), scratch / "layout-driver"
+        rows.append(ChainRow(f"merge_layers of the {layers} (squash_driver.py, no commit)",
+                             [python, str(SQUASH_DRIVER), str(copy), tip, "base", "squashed"],
+                             layout=layout, copy=copy))  # fmt: skip
+    flat, upper = scratch / "flat.tar.gz", root / "run-on-tip" / "u"
+    rows.append(ChainRow(FLATTEN, ["sh", "-c", (
+        f"umoci unpack --image {shlex.quote(f'{layout}:{tip}')} {scratch}/bundle && "
+        f"tar --format=pax --xattrs -C {scratch}/bundle/rootfs -cf - . | pigz -6 > {flat} && "
+        f"sync {flat}")], output=flat))  # fmt: skip
+    out = scratch / "upper.tar.gz"
+    rows.append(ChainRow(LAYER_BY_HAND, ["sh", "-c", (
+        f"tar --format=pax --xattrs -C {upper} -cf - . | pigz -6 > {out} && sync {out}")],
+        output=out))  # fmt: skip
+    return rows
+
+
+def bench_chain(a: argparse.Namespace, base: Path) -> int:
+    """--squash LAYERS (runs of many small files) or --chain LAYERS (a 1 MiB file a run)."""
     if not os.access(a.hook, os.X_OK):
-        sys.exit(f"--squash needs the installed hook: {a.hook} not found")
-    for tool in ("umoci", "pigz", "tar"):
+        sys.exit(f"--squash and --chain need the installed hook: {a.hook} not found")
+    for tool in ("umoci", "pigz", "tar", "cp", GNU_TIME):
         if not shutil.which(tool):
-            sys.exit(f"--squash needs {tool}")
-    layers, files = a.squash, a.squash_files
-    layout = build_squash_chain(base / f"squash-{layers}-{files}", a.hook, layers, files, a.seed)
-    scratch = base / "squash-scratch"
+            sys.exit(f"--squash and --chain need {tool}")  # GNU time: each process's peak RSS
+    if a.squash is not None:
+        layers, files = a.squash, a.squash_files
+        root = base / f"squash-{layers}-{files}-{a.base_files}"
+        layout = build_squash_chain(root, a.hook, layers, files, a.seed, a.base_files)
+        content = Content(random.Random(a.seed + layers + 1), pool_size=4 * MIB)
+
+        def change(merged: Path) -> None:
+            squash_run_changes(merged, layers + 1, files, content)
+
+        what = (f"{layers} layers written by the hook ({files} new files of "
+                f"{SQUASH_FILE_SIZE >> 10} KiB a run, a quarter of the last run's rewritten, a "
+                f"quarter of the one before deleted)")  # fmt: skip
+    else:
+        layers, size = a.chain, a.chain_kib << 10
+        root = base / f"chain-{layers}-{a.chain_kib}-{a.base_files}"
+        params = {"kind": "chain", "version": CHAIN_VERSION, "layers": layers,
+                  "kib": a.chain_kib, "seed": a.seed, "base_files": a.base_files}  # fmt: skip
+        layout = build_chain(root, a.hook, layers, params,
+                             lambda merged, i, _: chain_run_changes(merged, i, size))  # fmt: skip
+
+        def change(merged: Path) -> None:
+            chain_run_changes(merged, layers + 1, size)
+
+        what = (f"{layers} layers written by the hook, each run a new file of {a.chain_kib} "
+                "KiB of random data")  # fmt: skip
+    scratch = base / "chain-scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
-    tip, python = f"r{layers}", str(a.hook.parent / "python")
-    tools = {
-        "merge_layers (squash_driver.py)": [python, str(SQUASH_DRIVER), str(layout), tip, "base",
-                                            "squashed"],
-        "umoci unpack + tar pax xattrs | pigz -6": ["sh", "-c", (
-            f"umoci unpack --image {shlex.quote(f'{layout}:{tip}')} {scratch}/bundle && "
-            f"tar --format=pax --xattrs -C {scratch}/bundle/rootfs -cf - . | pigz -6 "
-            f"> {scratch}/flat.tar.gz")],
-    }  # fmt: skip
-    samples: dict[str, list[Sample]] = {name: [] for name in tools}
-    sizes: dict[str, int] = {}
-    warm_cache(layout)
+    rows = chain_rows(a, root, layout, layers, change, scratch)
+    warm_cache(root)
     for r in range(a.rounds):
-        for name, argv in tools.items():
-            os.sync()
-            rc, stderr, wall, cpu, rss = run_measured(argv, None, None)
-            if rc != 0:
-                sys.exit(f"{name} failed: {stderr.strip()[-2000:]}")
-            if name.startswith("merge"):
-                index = json.loads((layout / "index.json").read_text())
-                top = index["manifests"][-1]
-                manifest = json.loads((layout / "blobs" / "sha256" /
-                                       top["digest"].removeprefix("sha256:")).read_text())  # fmt: skip
-                sizes[name] = manifest["layers"][-1]["size"]
-            else:
-                sizes[name] = (scratch / "flat.tar.gz").stat().st_size
-                shutil.rmtree(scratch / "bundle")
-            samples[name].append(Sample(wall, cpu, rss, sizes[name], 0))
-            log(f"{name}: {wall:.2f}s cpu {cpu:.2f}s rss {rss // 1024} MiB")
+        for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
+            run_chain_row(row, scratch)
     shutil.rmtree(scratch, ignore_errors=True)
-    print(f"\n### Squash: {layers} layers written by the hook ({files} new files of "
-          f"{SQUASH_FILE_SIZE >> 10} KiB a run, a quarter of the last run's rewritten, a quarter "
-          f"of the one before deleted) on a data image of {SQUASH_BASE_FILES} files\n")  # fmt: skip
-    print("| tool | wall s | CPU s | peak RSS MiB | output MB |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, runs in samples.items():
-        wall, cpu = median([s.wall for s in runs]), median([s.cpu for s in runs])
-        rss = max(s.maxrss_kib for s in runs)
-        print(f"| {md(name)} | {wall:.2f} | {cpu:.2f} | {rss / 1024:.1f} | "
-              f"{fmt_size(sizes[name])} |")  # fmt: skip
-    print(f"\nmedian of {a.rounds} rounds; command: {shlex.join([sys.executable, *sys.argv])}")
+    print_chain_table(rows, what, a.base_files, a.rounds)
     return 0
+
+
+def print_chain_table(rows: list[ChainRow], what: str, base_files: int, rounds: int) -> None:
+    """Medians; each ratio is the median over rounds of the row's time over the yardstick's
+    in the same round."""
+    print(f"\n### Chains: {what}, on a data image of {base_files} files of "
+          f"{SQUASH_FILE_SIZE >> 10} KiB\n")  # fmt: skip
+    print(f"{os.cpu_count()} CPUs; median of {rounds} rounds, the runs alternating; each hook "
+          f"run on a fresh copy of the layout; load average at the end "
+          f"{os.getloadavg()[0]:.2f}\n")  # fmt: skip
+    sticks = {row.name: row.walls for row in rows if row.name in (FLATTEN, LAYER_BY_HAND)}
+    print("| run | revision layers | layers merged | median wall s | hook's own s "
+          "| / upperdir tar \\| pigz | / umoci unpack + tar \\| pigz | CPU s | peak RSS MiB "
+          "| layers written MB |")  # fmt: skip
+    print("| --- |" + " ---: |" * 9)
+    for row in rows:
+        ratios = [f"{median([w / y for w, y in zip(row.walls, sticks[s])]):.2f}"
+                  for s in (LAYER_BY_HAND, FLATTEN)]  # fmt: skip
+        own = f"{median(row.own_seconds):.3f}" if row.own_seconds else "-"
+        hook = row.stdin is not None
+        cells = [md(row.name), str(row.layers) if hook else "-",
+                 str(row.merged) if hook else "-", f"{median(row.walls):.3f}", own, *ratios,
+                 f"{median(row.cpus):.2f}", f"{max(row.rss) / 1024:.1f}",
+                 fmt_size(row.written)]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+    print(f"\ncommand: {shlex.join([sys.executable, *sys.argv])}")
 
 
 # ---------------------------------------------------------------------------
@@ -1101,11 +1282,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="?",
         const=100,
         metavar="LAYERS",
-        help="time merging a chain of LAYERS hook-written layers (merge_layers) against umoci"
-        " unpack + tar | pigz of it (default 100)",
+        help="on a chain of LAYERS hook-written layers of many small files: the hook's commits"
+        " that merge, merge_layers alone, against umoci unpack + tar | pigz of it (default 100)",
     )
     p.add_argument("--squash-files", type=int, default=200, metavar="N",
                    help="with --squash, new files a run writes (default %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--chain",
+        type=int,
+        nargs="?",
+        const=DEFAULT_MAX_LAYERS - 1,
+        metavar="LAYERS",
+        help="the hook's commit on the data image, on a chain of LAYERS hook-written layers"
+        " (without and with a merge), against tar | pigz of the run and umoci unpack + tar |"
+        " pigz of the chain (default 99: the tip has 100 layers, the default limit)",
+    )
+    p.add_argument("--chain-kib", type=int, default=1024, metavar="KIB",
+                   help="with --chain, data a run writes (default %(default)s)")  # fmt: skip
+    p.add_argument("--base-files", type=int, default=SQUASH_BASE_FILES, metavar="N",
+                   help="with --squash or --chain, files of 8 KiB in the data image the chain"
+                   " stands on (default %(default)s)")  # fmt: skip
     p.add_argument(
         "--push",
         type=int,
@@ -1130,6 +1326,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown method(s): {', '.join(sorted(unknown))}")
     if a.xfs and a.ext4:
         p.error("--xfs and --ext4 exclude each other")
+    if a.squash is not None and a.chain is not None:
+        p.error("--squash and --chain exclude each other")
+    if min(a.squash or 2, a.chain or 2) < 2:
+        p.error("a chain needs 2 layers or more")
     if a.tools is not None:
         a.tools = [t.strip() for t in a.tools.split(",") if t.strip()]
         unknown = set(a.tools) - set(STANDARD_TOOLS | XFS_TOOLS | SPARSE_TOOLS)
@@ -1153,8 +1353,8 @@ def main(argv: list[str] | None = None) -> int:
         run_hook = False
 
     a.workdir.mkdir(parents=True, exist_ok=True)
-    if a.squash is not None:
-        return bench_squash(a, a.workdir)
+    if a.squash is not None or a.chain is not None:
+        return bench_chain(a, a.workdir)
     if a.startup is not None:
         if not run_hook:
             sys.exit("--startup needs the installed hook (--hook)")
