@@ -42,6 +42,7 @@ from engines import (
     FUSE_OVERLAYFS,
     TEST_USER,
     Podman,
+    User,
     build_oci_image,
     ensure_fuse_device,
     ensure_user,
@@ -683,6 +684,32 @@ def user_tool(podman: Podman, *cmd: str) -> subprocess.CompletedProcess:
     return run(podman.as_user(["podman", "unshare", *cmd]))
 
 
+@contextmanager
+def loop_podman(loop_images: Path, key: str, hook_bin: Path, user: User | None = None,
+                fuse: bool = False, data: str = "data") -> Iterator[tuple[Podman, Path, Path]]:  # fmt: skip
+    """A podman with a storage of its own in loop_images/key, the hook installed (its log
+    and the revisions' directory, the only one it may write, in there too), busybox and
+    the data image loaded, and the data image copied once into the layout revs/data as
+    the README shows: (podman, layout, log); all of it removed afterwards."""
+    root = loop_images / key
+    podman = Podman(root, user=user, fuse=fuse)
+    revs, log = root / "revs", root / "hook.log"
+    layout = revs / "data"
+    try:
+        podman.setup()
+        revs.mkdir()
+        if user is not None:
+            os.chown(revs, user.uid, user.gid)
+        podman.install_hook(hook_bin, log, allow_dir=revs)
+        podman.load(f"oci:{loop_images / 'img'}:bb", BB_IMAGE)
+        podman.load(f"oci:{loop_images / 'img'}:{data}", "localhost/data:start")
+        user_tool(podman, "skopeo", "copy", "--quiet", "containers-storage:localhost/data:start",
+                  f"oci:{layout}:data")  # fmt: skip
+        yield podman, layout, log
+    finally:
+        podman.teardown()
+
+
 def unpacked_view(layout: Path, zstd: bool, work: Path) -> Tree:
     """umoci's unpacking of the layout's `data`; zstd layers go through skopeo as gzip first."""
     if zstd:  # umoci 0.4.7 knows only gzip layers
@@ -712,21 +739,8 @@ def test_each_run_commits_a_revision_the_next_run_mounts(scenario: LoopScenario,
     if user is not None:
         proc = run(["runuser", "-u", user.name, "--", str(hook_bin), "--help"], check=False)
         assert proc.returncode == 0, f"{user.name} cannot run the hook {hook_bin}:\n{proc.stderr}"
-    root = loop_images / scenario.key
-    podman = Podman(root, user=user, fuse=scenario.fuse)
-    revs, log = root / "revs", root / "hook.log"
-    layout = revs / "data"
-    try:
-        podman.setup()
-        revs.mkdir()
-        if user is not None:
-            os.chown(revs, user.uid, user.gid)
-        podman.install_hook(hook_bin, log, allow_dir=revs)
-        podman.load(f"oci:{loop_images / 'img'}:bb", BB_IMAGE)
-        podman.load(f"oci:{loop_images / 'img'}:data", "localhost/data:start")
-        # Once: the data image into a layout, as the README shows.
-        user_tool(podman, "skopeo", "copy", "--quiet", "containers-storage:localhost/data:start",
-                  f"oci:{layout}:data")  # fmt: skip
+    with loop_podman(loop_images, scenario.key, hook_bin, user, scenario.fuse) as loop:
+        podman, layout, log = loop
         with registry_for(scenario, tmp_path) as reg:
             views = loop_three_times(podman, layout, log, scenario, tmp_path, reg)
             if reg is not None:
@@ -737,8 +751,6 @@ def test_each_run_commits_a_revision_the_next_run_mounts(scenario: LoopScenario,
         assert [h["created_by"] for h in ours] == [created_by] * RUNS, history
         assert all(re.fullmatch(r"container [0-9a-f]{64} archive data", h["comment"])
                    for h in ours), ours  # fmt: skip
-    finally:
-        podman.teardown()
 
 
 def loop_three_times(podman: Podman, layout: Path, log: Path, scenario: LoopScenario,

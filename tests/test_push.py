@@ -38,6 +38,7 @@ from test_oci_image import (
     image_args,
     image_state,
     loop_images,  # noqa: F401 - a fixture
+    loop_podman,
     read_json_blob,
     tagged,
     user_tool,
@@ -622,23 +623,10 @@ def test_podman_loop_pushes_each_revision_and_another_podman_pulls_it(
         require_tools("runuser", "newuidmap", "newgidmap")
         user = ensure_user(TEST_USER)
     key = "pl" if rootless else "pf"
-    root = loop_images / key
-    podman = Podman(root, user=user)
-    revs, log = root / "revs", root / "hook.log"
-    layout = revs / "data"
     ref = f"{registry.host}/loop/data:{key}"
-    try:
-        podman.setup()
-        revs.mkdir()
-        if user is not None:
-            os.chown(revs, user.uid, user.gid)
-        podman.install_hook(hook_bin, log, allow_dir=revs)
+    with loop_podman(loop_images, key, hook_bin, user) as (podman, layout, log):
         Path("/run/containers/0/auth.json").unlink()  # podman login's, not the fixture's
         podman_login(podman, registry.host)
-        podman.load(f"oci:{loop_images / 'img'}:bb", BB_IMAGE)
-        podman.load(f"oci:{loop_images / 'img'}:data", "localhost/data:start")
-        user_tool(podman, "skopeo", "copy", "--quiet", "containers-storage:localhost/data:start",
-                  f"oci:{layout}:data")  # fmt: skip
         views = []
         for n in range(1, RUNS + 1):
             pinned = user_tool(podman, "skopeo", "inspect", "--format", "{{.Digest}}",
@@ -662,8 +650,6 @@ def test_podman_loop_pushes_each_revision_and_another_podman_pulls_it(
             assert tagged(check_layout(layout), "data") == [digest]
             assert registry.manifest("loop/data", key)[1] == digest, diag
         check_another_podman(loop_images / f"{key}2", registry, ref, views[-1])
-    finally:
-        podman.teardown()
 
 
 def check_another_podman(root: Path, registry: Registry, ref: str, expected) -> None:

@@ -110,24 +110,38 @@ def test_revision_on_a_base_without_history_is_built_on_by_buildah_and_podman(
 COMMIT_STEPS = (
     [("write", 1)] + [("fsync", n) for n in range(1, 9)] + [("renameat", n) for n in range(1, 5)]
 )
+# A commit that merges writes one blob more: the merged layer, between its own layer and
+# its config (10 fsyncs and 5 renames in all: an 11th or a 6th is never reached).
+MERGING_STEPS = [("fsync", n) for n in range(1, 11)] + [("renameat", n) for n in range(1, 6)]
+KILLS = [(s, n, False) for s, n in COMMIT_STEPS] + [(s, n, True) for s, n in MERGING_STEPS]
 
 
 @pytest.mark.parametrize(
-    ("syscall", "when"), COMMIT_STEPS, ids=[f"{s}-{n}" for s, n in COMMIT_STEPS]
-)
+    ("syscall", "when", "merging"), KILLS,
+    ids=[f"{s}-{n}{'-merging' if m else ''}" for s, n, m in KILLS],
+)  # fmt: skip
 def test_sigkill_at_any_step_of_a_commit_leaves_a_layout_umoci_gc_and_skopeo_accept(
-    hook_bin, make_overlay, tmp_path, syscall, when
+    hook_bin, make_overlay, tmp_path, syscall, when, merging
 ):
     """Nothing but digest-named blobs in blobs/sha256, even after a SIGKILL (how podman and
-    runc end a hook past its timeout): `umoci gc` refuses a layout holding anything else."""
+    runc end a hook past its timeout): `umoci gc` refuses a layout holding anything else.
+    The same for a commit that merges layers (image-max-layers=2 on a third commit)."""
     require_tools("strace", "umoci", "skopeo")
     ovl = small_tree(make_overlay())
     layout = tmp_path / "layout"
     first = hook(hook_bin, image_state(tmp_path, ovl, {"data": image_args(layout)}, "first"))
     assert first.returncode == 0, first.log
+    more = {"image_max_layers": "2"} if merging else {}
+    if merging:
+        with mounted(ovl) as merged:
+            (merged / "hello").unlink()  # a deletion the merge must keep
+            (merged / "between").write_text("a layer the merge takes\n")
+        between = hook(hook_bin, image_state(tmp_path, ovl, {"data": image_args(layout)},
+                                             "between"))  # fmt: skip
+        assert between.returncode == 0, between.log
     with mounted(ovl) as merged:
         (merged / "second").write_text("a new layer, config and manifest\n")
-    state = image_state(tmp_path, ovl, {"data": image_args(layout)}, "second")
+    state = image_state(tmp_path, ovl, {"data": image_args(layout, **more)}, "second")
     proc = subprocess.run(
         ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}", "-e",
          f"inject={syscall}:signal=KILL:when={when}", str(hook_bin)],
@@ -140,6 +154,7 @@ def test_sigkill_at_any_step_of_a_commit_leaves_a_layout_umoci_gc_and_skopeo_acc
     run(["skopeo", "inspect", f"oci:{layout}:data"])
     after = hook(hook_bin, state)  # the next run removes the dead one's temporaries, commits
     assert after.returncode == 0, after.log
+    assert ("layers merged" in after.log) == merging, after.log
     assert tagged(check_layout(layout), "data") == [written_manifest(after)]
     run(["umoci", "gc", "--layout", str(layout)])
     run(["skopeo", "inspect", f"oci:{layout}:data"])
