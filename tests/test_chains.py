@@ -441,11 +441,12 @@ def podman_chain(rootless: bool, loop_images: Path, hook_bin: Path, tmp_path: Pa
         merged_last = False
         for n in range(1, SQUASH_RUNS + 2):
             pinned = tagged(json.loads((layout / "index.json").read_text()), "data")[0]
-            podman.load(f"oci:{layout}:data", "localhost/data:in")
+            # by the id podman pull prints: no tag to move (one podman process less a run)
+            image = podman("pull", "--quiet", f"oci:{layout}:data").stdout.split()[-1]
             where = f"{'rootless' if rootless else 'rootful'} run {n}"
             if merged_last:  # podman mounts the merged revision as the container saw it
                 assert last is not None
-                assert_same_tree(last, podman_image_view(podman, "localhost/data:in"),
+                assert_same_tree(last, podman_image_view(podman, image),
                                  f"podman image mount, {where}")  # fmt: skip
             if n > SQUASH_RUNS:
                 break
@@ -454,7 +455,7 @@ def podman_chain(rootless: bool, loop_images: Path, hook_bin: Path, tmp_path: Pa
                 image_base=pinned, method="oci-image", image_max_layers=str(SQUASH_MAX_LAYERS),
             )  # fmt: skip
             mark = len(log.read_text()) if log.exists() else 0
-            proc = podman(*podman_run_args(annotations, "localhost/data:in", True, SQUASH_LOOP,
+            proc = podman(*podman_run_args(annotations, image, True, SQUASH_LOOP,
                                            "/data", str(n)), check=False)  # fmt: skip
             diag = (f"\n[{where}] podman exit {proc.returncode}, stderr:\n{proc.stderr}"
                     f"--- hook log (end):\n{read_log(log)[-4000:]}")  # fmt: skip
