@@ -20,7 +20,7 @@ import hashlib
 import os
 import stat
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
@@ -49,6 +49,9 @@ class Tree:
 
     def __contains__(self, rel: str) -> bool:
         return rel in self.entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
 
     def without(self, leave_out: Callable[[str], bool]) -> Tree:
         """The tree less the paths leave_out names (their hardlink group keeps the others)."""
