@@ -484,6 +484,7 @@ def varied_tree(merged: Path) -> None:
     os.chmod(merged / "dir", 0o750)
     (merged / "dir" / "f640").write_text("a\n")
     os.chmod(merged / "dir" / "f640", 0o640)
+    os.link(merged / "dir" / "f640", merged / "f640-link")
     (merged / "private").mkdir()
     os.chmod(merged / "private", 0o700)
     (merged / "owned").write_text("o\n")

@@ -620,7 +620,8 @@ TAR_METHODS = {"tar": "tar", "tar.gz": "tar.gz", "tar.zst": "tar.zst", "oci-laye
 
 @pytest.fixture
 def data_overlay(make_overlay):
-    """/data changed: new files, a whiteout, an opaque dir, a nested dir to exclude."""
+    """/data changed: new files, a whiteout, an opaque dir, a nested dir to exclude, and
+    hardlinks (one of them to a file under it)."""
     require(is_root(), "needs root: mounts overlayfs")
     ovl = make_overlay("data")
     for d in ("cache/deep", "gone", "redo"):
@@ -639,6 +640,8 @@ def data_overlay(make_overlay):
     (m / "redo").mkdir()
     (m / "redo/fresh").write_text("fresh\n")
     (m / "cached.txt").write_text("a sibling whose name starts like an excluded dir\n")
+    os.link(m / "keep.txt", m / "redo/keep-link")  # a hardlink group kept whole
+    os.link(m / "cache/top", m / "top-link")  # one whose other name is excluded
     return ovl
 
 

@@ -369,7 +369,8 @@ def test_relative_paths_are_refused(hook_bin, make_overlay, tmp_path, relative, 
 
 @pytest.fixture
 def hostile_overlay(make_overlay, tmp_path: Path) -> Overlay:
-    """An upperdir holding links to host secrets, a FIFO and a /dev/zero device node."""
+    """An upperdir holding links to host secrets, a FIFO, a /dev/zero device node and a
+    hardlinked file."""
     host = tmp_path / "host"
     host.mkdir()
     (host / "secret").write_bytes(SECRET)
@@ -382,6 +383,7 @@ def hostile_overlay(make_overlay, tmp_path: Path) -> Overlay:
         os.mkfifo(merged / "fifo")
         os.mknod(merged / "zero", stat.S_IFCHR | 0o666, os.makedev(1, 5))  # reading never ends
         (merged / "plain").write_text("plain\n")
+        os.link(merged / "plain", merged / "plain-link")  # a hardlink: one inode, two names
     return ovl
 
 
