@@ -1383,7 +1383,7 @@ class Destination:
             self.dir_fd = open_dir_nofollow(self.parent, create=True)
         except OSError as exc:
             raise ArchiveError(
-                f"cannot open the directory of archive-to: {describe(exc)}"
+                f"cannot open {self.parent}, the directory of archive-to: {describe(exc)}"
             ) from None
         self.tmp_name = temp_name(self.name, self.dir_fd)
         self.lock_fd: int | None = None

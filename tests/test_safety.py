@@ -924,7 +924,8 @@ def test_a_symlink_swapped_in_after_the_check_is_refused_not_followed(hook_bin, 
                                                                      tmp_path, places):  # fmt: skip
     """A racing process swaps a directory of archive-to's path with a symlink leading out of
     --allow-dir. Runs whose check saw the directory and whose component walk (O_NOFOLLOW)
-    met the symlink must fail there; nothing is ever written outside."""
+    met the symlink must fail there; nothing is ever written outside. (Which runs meet which
+    is chance: the next two tests make each race happen.)"""
     ovl = small_tree(make_overlay())
     sub, swap = places / "allowed" / "sub", places / "allowed" / "sub.swap"
     sub.mkdir()
@@ -944,7 +945,7 @@ def test_a_symlink_swapped_in_after_the_check_is_refused_not_followed(hook_bin, 
                 outcomes["written"] += 1
             elif "is outside the allowed directories" in run.log:
                 outcomes["checked out"] += 1
-            elif "cannot open the directory of archive-to" in run.log:
+            elif f"cannot open {sub}, the directory of archive-to: " in run.log:
                 error = run.error_for("data")
                 assert "Too many levels of symbolic links" in error or "Not a dir" in error
                 outcomes["refused by the walk"] += 1
@@ -955,7 +956,39 @@ def test_a_symlink_swapped_in_after_the_check_is_refused_not_followed(hook_bin, 
     finally:
         swapper.kill()
         swapper.wait()
-    assert outcomes["refused by the walk"] > 0, outcomes  # the walk was reached on its own
+    assert sum(outcomes.values()) == RACE_RUNS, outcomes
+
+
+def test_a_symlink_swapped_in_after_the_check_is_refused_by_the_walk(hook_bin, make_overlay,
+                                                                      tmp_path, places):  # fmt: skip
+    """strace holds the hook at each openat relative to allowed/ (the component walk
+    opening sub, after the check resolved it a directory); sub becomes a symlink leading out
+    meanwhile. The walk (O_NOFOLLOW) refuses it: one error line, nothing written outside."""
+    require_x86_64()
+    ovl = small_tree(make_overlay())
+    allowed = places / "allowed"
+    sub = allowed / "sub"
+    sub.mkdir()
+    outside_before = snapshot(places / "outside")
+    archive_to = sub / "a.tar"
+    state = hook_state(tmp_path, ovl, {"data": {"archive_to": str(archive_to), "method": "tar"}})
+    strace = start_hook(Path("strace"), state, "-qq", "-o", "/dev/null", "-P", str(allowed),
+                        "-e", "trace=openat",
+                        "-e", "inject=openat:delay_enter=2000000",
+                        str(hook_bin), *allow(places))  # fmt: skip
+    try:
+        stopped_in(traced_child(strace), SYS_OPENAT, strace)
+        sub.rmdir()
+        os.symlink(places / "outside", sub)
+    finally:
+        run = finish(strace)
+    assert run.returncode == 1, run.log
+    errors = [line for line in run.log.splitlines() if "level=error" in line]
+    assert errors == [run.error_for("data")], run.log
+    # O_DIRECTORY before O_NOFOLLOW: a symlink there is "not a directory"
+    refused = f'error="cannot open {sub}, the directory of archive-to: Not a directory: sub"'
+    assert refused in errors[0], run.log
+    assert_unchanged(outside_before, places / "outside", diag=run.log)
 
 
 def resolve_error(archive_to: Path) -> str:
@@ -965,15 +998,18 @@ def resolve_error(archive_to: Path) -> str:
 
 
 def traced_child(strace: subprocess.Popen, timeout: float = 10.0) -> int:
-    """The pid of the process strace started."""
+    """The pid of the program strace runs: its child that runs another program (strace forks
+    children of its own to test ptrace first)."""
     children = Path(f"/proc/{strace.pid}/task/{strace.pid}/children")
+    own = os.readlink(f"/proc/{strace.pid}/exe")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and strace.poll() is None:
-        found = children.read_text().split()
-        if found:
-            return int(found[0])
+        for pid in children.read_text().split():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/exe") != own:
+                    return int(pid)
         time.sleep(0.01)
-    pytest.fail("strace started no process")
+    pytest.fail("strace started no program")
 
 
 def stopped_in(pid: int, syscall: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -987,7 +1023,12 @@ def stopped_in(pid: int, syscall: int, proc: subprocess.Popen, timeout: float = 
     pytest.fail(f"pid {pid} never reached system call {syscall}")
 
 
-SYS_READLINK = 89  # x86_64
+SYS_READLINK, SYS_OPENAT = 89, 257  # x86_64
+
+
+def require_x86_64() -> None:
+    if platform.machine() != "x86_64":
+        pytest.fail(f"the system call numbers are x86_64's; add {platform.machine()}'s")
 
 
 def test_a_component_swapped_while_it_is_checked_fails_in_one_line(hook_bin, make_overlay,
@@ -996,8 +1037,7 @@ def test_a_component_swapped_while_it_is_checked_fails_in_one_line(hook_bin, mak
     readlink of allowed/sub, a symlink leading out when realpath's lstat saw it, and sub
     becomes a directory meanwhile. The archive fails in one line naming the archive, the
     annotation and the path; nothing is written."""
-    if platform.machine() != "x86_64":
-        pytest.fail(f"SYS_READLINK is x86_64's; add {platform.machine()}'s")
+    require_x86_64()
     ovl = small_tree(make_overlay())
     sub = places / "allowed" / "sub"
     os.symlink(places / "outside", sub)
