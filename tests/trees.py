@@ -6,8 +6,9 @@ content (a digest), symlink target, device numbers, every xattr (POSIX ACLs incl
 and apart from the entries, the hardlink groups (paths that are one inode). Directory
 order plays no part (tmpfs lists a directory newest first).
 
-What a format or a reader cannot keep is said by name, with one of the narrow
-exceptions below (`but=`), never by leaving fields out of the comparison.
+What a format or a reader cannot keep is said by name, with a narrow exemption
+(`but=`: those below, or a test's own), never by leaving fields out of the
+comparison.
 
 Directories are walked relative to directory file descriptors, so that trees deeper
 than PATH_MAX are read too; a tar archive is read with Python's tarfile (not ours).
@@ -236,8 +237,10 @@ def tar_snapshot(archive: Path) -> Tree:
 
 # --- comparing ----------------------------------------------------------------------------------
 
-# Each exception is a function (path, description) -> description, applied to both sides, its
-# name shown with any difference.  Add one only where a format or a reader cannot keep a field.
+# An exemption is a function (path, description) -> description (None: no such entry), applied
+# to both sides, its name shown with any difference. Add one only where a format or a reader
+# cannot keep a field.
+Exemption = Callable[[str, dict], "dict | None"]
 
 
 def root_mtime(rel: str, info: dict) -> dict:
@@ -261,16 +264,14 @@ def _without(info: dict, *keys: str) -> dict:
     return {k: v for k, v in info.items() if k not in keys}
 
 
-Exemption = Callable[[str, dict], "dict | None"]
-
-
 def seen_through(tree: Tree, but: tuple[Exemption, ...]) -> Tree:
+    """The tree as the exemptions leave it."""
     entries = {}
     for rel, info in tree.entries.items():
         kept: dict | None = info
-        for exception in but:
+        for exemption in but:
             if kept is not None:
-                kept = exception(rel, kept)
+                kept = exemption(rel, kept)
         if kept is not None:
             entries[rel] = kept
     return Tree(entries, tree.links).without(lambda rel: rel not in entries)
@@ -309,7 +310,7 @@ def differences(expected: Tree, got: Tree, but: tuple[Exemption, ...] = ()) -> l
 def assert_same_tree(expected: Tree, got: Tree, what: str, diag: str = "",
                      but: tuple[Exemption, ...] = ()) -> None:  # fmt: skip
     """got equals expected, entry by entry and hardlink group by group, but for the named
-    exceptions."""
+    exemptions."""
     problems = differences(expected, got, but)
     excepted = f" (but for {', '.join(e.__name__ for e in but)})" if but else ""
     assert not problems, f"{what} differs{excepted}:\n" + "\n".join(problems[:40]) + diag
