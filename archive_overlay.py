@@ -1237,9 +1237,12 @@ def check_allowed(path: str, allow_dirs: tuple[str, ...], what: str) -> str:
     if not path.startswith("/"):
         raise ArchiveError(f"{what} {path!r} is not an absolute path")
     parent, name = posixpath.split(path.rstrip("/") or "/")
-    if name in ("", ".", ".."):
-        parent, name = posixpath.split(os.path.realpath(path))
-    real = posixpath.join(os.path.realpath(parent), name)
+    try:
+        if name in ("", ".", ".."):
+            parent, name = posixpath.split(os.path.realpath(path))
+        real = posixpath.join(os.path.realpath(parent), name)
+    except OSError as exc:  # a component changed while it was read (a link, then no link)
+        raise ArchiveError(f"cannot resolve {what} {path}: {describe(exc)}") from None
     if not name:
         raise ArchiveError(f"{what} {path} names no file")
     if allow_dirs and not any(real.startswith(d.rstrip("/") + "/") for d in allow_dirs):
@@ -1380,7 +1383,7 @@ class Destination:
             self.dir_fd = open_dir_nofollow(self.parent, create=True)
         except OSError as exc:
             raise ArchiveError(
-                f"cannot open the directory of archive-to: {describe(exc)}"
+                f"cannot open {self.parent}, the directory of archive-to: {describe(exc)}"
             ) from None
         self.tmp_name = temp_name(self.name, self.dir_fd)
         self.lock_fd: int | None = None

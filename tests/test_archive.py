@@ -1,8 +1,9 @@
 """The hook on real overlay mounts: faithful archives in every method, inputs, exit statuses.
 
 Each test changes files through a real overlayfs mount, runs the installed hook
-with a piped state JSON, and compares what it wrote with the upperdir, entry by
-entry: lstat fields, link targets, xattrs and content.
+with a piped state JSON, and compares what it wrote with the upperdir with
+tests/trees.py's one strict comparison (every field of every entry, xattrs,
+hardlink groups).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from conftest import (
     write_bundle,
 )
 from engines import require
+from trees import assert_same_tree, pax_mtime_ns, snapshot, sockets
 
 pytestmark = requires_root
 
@@ -99,71 +101,7 @@ def changed_overlay(make_overlay) -> Overlay:
     return ovl
 
 
-# --- comparing trees -------------------------------------------------------
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def describe_entry(path: Path, with_xattrs: bool = True) -> dict:
-    st = os.lstat(path)
-    info = {
-        "type": stat.S_IFMT(st.st_mode),
-        "mode": stat.S_IMODE(st.st_mode),
-        "uid": st.st_uid,
-        "gid": st.st_gid,
-        "mtime_ns": st.st_mtime_ns,
-    }
-    if stat.S_ISREG(st.st_mode):
-        info["size"] = st.st_size
-        info["sha256"] = file_digest(path)
-    elif stat.S_ISLNK(st.st_mode):
-        info["target"] = os.readlink(path)
-    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        info["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
-    if with_xattrs:
-        info["xattrs"] = {
-            name: os.getxattr(path, name, follow_symlinks=False)
-            for name in sorted(os.listxattr(path, follow_symlinks=False))
-        }
-    return info
-
-
-def snapshot(root: Path) -> dict[str, dict]:
-    """Every entry under root (root itself as "."), described by describe_entry."""
-    tree = {".": describe_entry(root)}
-    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.fsdecode(os.path.relpath(full, os.fsencode(root)))
-            tree[rel] = describe_entry(Path(os.fsdecode(full)))
-    return tree
-
-
-def hardlink_groups(root: Path) -> set[frozenset[str]]:
-    """Groups of paths sharing an inode, whiteouts aside (the kernel shares theirs)."""
-    groups: dict[int, set[str]] = {}
-    for dirpath, _, filenames in os.walk(os.fsencode(root)):
-        for name in filenames:
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
-            if st.st_nlink > 1 and not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
-                rel = os.fsdecode(os.path.relpath(full, os.fsencode(root)))
-                groups.setdefault(st.st_ino, set()).add(rel)
-    return {frozenset(g) for g in groups.values() if len(g) > 1}
-
-
-def without_sockets(tree: dict[str, dict]) -> dict[str, dict]:
-    return {k: v for k, v in tree.items() if v["type"] != stat.S_IFSOCK}
-
-
-def assert_same_tree(got: Path, expected: Path) -> None:
-    want, have = without_sockets(snapshot(expected)), snapshot(got)
-    assert sorted(have) == sorted(want)
-    for rel in want:
-        assert have[rel] == want[rel], rel
-    assert hardlink_groups(got) == hardlink_groups(expected)
+# --- reading archives -----------------------------------------------------
 
 
 def extract(archive: Path, method: str, into: Path) -> None:
@@ -200,7 +138,7 @@ def archive_of(run_hook, tmp_path: Path, ovl: Overlay, method: str, **extra: str
 
 def test_copy_is_equal_to_the_upperdir(changed_overlay, run_hook, tmp_path):
     archive_to, result = archive_of(run_hook, tmp_path, changed_overlay, "copy")
-    assert_same_tree(archive_to, changed_overlay.upper)
+    assert_same_tree(snapshot(changed_overlay.upper), snapshot(archive_to), "the copy")
     assert b'event="archive written"' in result.stderr
     assert b"Traceback" not in result.stderr
 
@@ -234,7 +172,7 @@ def test_sockets_kept_by_copy_and_skipped_by_tar_with_a_warning(
         st, orig = os.lstat(archive_to / "sock"), os.lstat(ovl.upper / "sock")
         assert stat.S_ISSOCK(st.st_mode)
         assert (st.st_mode, st.st_uid, st.st_gid) == (orig.st_mode, orig.st_uid, orig.st_gid)
-        assert (archive_to / "file").read_text() == "x"
+        assert_same_tree(snapshot(ovl.upper), snapshot(archive_to), "the copy")
         assert b"socket skipped" not in result.stderr
     else:  # a tar cannot hold a socket: GNU tar skips it too
         out = subprocess.run(
@@ -242,6 +180,9 @@ def test_sockets_kept_by_copy_and_skipped_by_tar_with_a_warning(
         )
         assert out.stdout.split() == ["./", "./file"]
         assert b"socket skipped" in result.stderr and b"entry=sock" in result.stderr
+        extract(archive_to, method, tmp_path / "extracted")
+        assert_same_tree(snapshot(ovl.upper), snapshot(tmp_path / "extracted"),
+                         "the extracted tar", but=(sockets,))  # fmt: skip
 
 
 def test_copy_replaces_an_existing_archive_whole(changed_overlay, run_hook, tmp_path):
@@ -250,7 +191,7 @@ def test_copy_replaces_an_existing_archive_whole(changed_overlay, run_hook, tmp_
     (old / "stale-file").write_text("from an earlier run")
     archive_to, _ = archive_of(run_hook, tmp_path, changed_overlay, "copy")
     assert archive_to == old
-    assert_same_tree(archive_to, changed_overlay.upper)
+    assert_same_tree(snapshot(changed_overlay.upper), snapshot(archive_to), "the copy")
     assert [p.name for p in archive_to.parent.iterdir()] == ["archive.copy"]
 
 
@@ -261,7 +202,9 @@ def test_copy_replaces_an_existing_archive_whole(changed_overlay, run_hook, tmp_
 def test_tar_extracts_to_the_upperdir(changed_overlay, run_hook, tmp_path, method):
     archive_to, _ = archive_of(run_hook, tmp_path, changed_overlay, method)
     extract(archive_to, method, tmp_path / "extracted")
-    assert_same_tree(tmp_path / "extracted", changed_overlay.upper)
+    assert_same_tree(
+        snapshot(changed_overlay.upper), snapshot(tmp_path / "extracted"), "the extracted tar"
+    )
 
 
 @pytest.mark.parametrize("method", TAR_METHODS)
@@ -322,7 +265,9 @@ def test_compression_level(changed_overlay, run_hook, tmp_path, level):
         run_hook, tmp_path, changed_overlay, "tar.gz", compression_level=level
     )
     extract(archive_to, "tar.gz", tmp_path / "extracted")
-    assert_same_tree(tmp_path / "extracted", changed_overlay.upper)
+    assert_same_tree(
+        snapshot(changed_overlay.upper), snapshot(tmp_path / "extracted"), "the extracted tar"
+    )
 
 
 @pytest.mark.parametrize(
@@ -370,7 +315,7 @@ def test_an_annotation_that_cannot_be_honoured_fails_its_archive(
     assert b"archive=bad " in errors[0] and message in errors[0], errors[0]
     assert f"annotation={PREFIX}bad.{arg} ".encode() in errors[0], errors[0]
     assert not (out / "bad").exists()
-    assert_same_tree(out / "good", changed_overlay.upper)
+    assert_same_tree(snapshot(changed_overlay.upper), snapshot(out / "good"), "the good copy")
 
 
 @pytest.mark.parametrize(("given", "missing"), [("mount-point", "archive-to"),
@@ -401,7 +346,7 @@ def test_oci_layer_encoding(changed_overlay, run_hook, tmp_path):
     assert by_name["./etc/config"].pax_headers["SCHILY.xattr.user.checksum"]
     # every member's time is the upperdir entry's, to the nanosecond; a `.wh.NAME` marker's
     # is the time of the whiteout it stands for (the opaque marker aside)
-    times = {m.name: member_mtime_ns(m) for m in members if ".wh..wh..opq" not in m.name}
+    times = {m.name: pax_mtime_ns(m) for m in members if ".wh..wh..opq" not in m.name}
     upper = os.fsencode(changed_overlay.upper)
     on_disk = {
         name: os.lstat(os.path.join(upper, os.fsencode(name[2:].replace(".wh.", "")))).st_mtime_ns
@@ -416,17 +361,6 @@ def test_oci_layer_encoding(changed_overlay, run_hook, tmp_path):
     plain = subprocess.run(["gzip", "-dc", str(archive_to)], capture_output=True, check=True)
     assert descriptor["diff_id"] == "sha256:" + hashlib.sha256(plain.stdout).hexdigest()
     assert descriptor["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
-
-
-def member_mtime_ns(member: tarfile.TarInfo) -> int:
-    """A member's mtime in nanoseconds, exactly: the PAX record's decimal, or the header's."""
-    text = member.pax_headers.get("mtime")
-    if text is None:
-        return int(member.mtime) * 10**9
-    negative = text.startswith("-")
-    seconds, _, fraction = text.lstrip("-").partition(".")
-    ns = int(seconds) * 10**9 + int((fraction + "0" * 9)[:9])
-    return -ns if negative else ns
 
 
 # --- finding the upperdir --------------------------------------------------
@@ -444,7 +378,7 @@ def test_bind_of_a_native_overlay_is_resolved_from_mountinfo(changed_overlay, ru
     annotations = archive_annotations("d", mount_point="/data", archive_to=str(archive_to))
     result = run_hook(hook_input(tmp_path, [bind], annotations), "--log-level=debug")
     assert result.returncode == 0, result.stderr.decode()
-    assert_same_tree(archive_to, changed_overlay.upper)
+    assert_same_tree(snapshot(changed_overlay.upper), snapshot(archive_to), "the copy")
     resolved = f'event="overlay mount found in mountinfo" source={changed_overlay.merged}'
     assert resolved in result.stderr.decode()
 
@@ -646,7 +580,7 @@ def test_missing_parent_directories_are_created(changed_overlay, run_hook, tmp_p
     annotations = archive_annotations("d", mount_point="/data", archive_to=str(archive_to))
     result = run_hook(hook_input(tmp_path, [changed_overlay.mount_entry()], annotations))
     assert result.returncode == 0, result.stderr.decode()
-    assert_same_tree(archive_to, changed_overlay.upper)
+    assert_same_tree(snapshot(changed_overlay.upper), snapshot(archive_to), "the copy")
 
 
 # --- exit statuses and messages ----------------------------------------------
@@ -773,7 +707,7 @@ def test_extra_arguments_are_ignored_with_a_warning(changed_overlay, run_hook, t
     assert result.returncode == 0, result.stderr.decode()
     warnings = [line for line in result.stderr.splitlines() if b"level=warning" in line]
     assert len(warnings) == 1 and b'arguments="stray words"' in warnings[0], result.stderr
-    assert_same_tree(archive_to, changed_overlay.upper)
+    assert_same_tree(snapshot(changed_overlay.upper), snapshot(archive_to), "the copy")
 
 
 def test_debug_log_says_how_each_archive_was_made(changed_overlay, run_hook, tmp_path):

@@ -31,7 +31,8 @@ from test_oci_image import (
     written_manifest,
 )
 from test_oci_layer import require_tools
-from test_safety import TMP_MARK, finish, hook, mounted, small_tree, start_hook, tree
+from test_safety import TMP_MARK, finish, hook, mounted, small_tree, start_hook
+from trees import assert_same_tree, snapshot
 
 pytestmark = requires_root
 
@@ -262,13 +263,13 @@ def test_the_base_of_an_earlier_commit_that_is_gone_fails_before_writing(
     index["manifests"] = index["manifests"][1:]  # revision 1 dropped, then collected
     (layout / "index.json").write_text(json.dumps(index))
     run(["umoci", "gc", "--layout", str(layout)])
-    before = tree(layout)
+    before = snapshot(layout)
     again = hook(hook_bin, state)
     assert again.returncode == 1, again.log
     line = again.error_for("data")
     assert gone in line and "earlier commit" in line and "image-base" in line, line
     assert str(layout) in line and "Traceback" not in again.log
-    assert tree(layout) == before
+    assert_same_tree(before, snapshot(layout), "the layout", again.log)
     pinned = image_state(tmp_path, ovl, {"data": image_args(layout, image_base="data")}, "twice")
     assert hook(hook_bin, pinned).returncode == 0  # image-base given still wins
 
@@ -286,7 +287,7 @@ def test_a_container_id_that_is_not_utf8_fails_before_writing(hook_bin, make_ove
     if layout_there:
         state = image_state(tmp_path, ovl, {"data": image_args(layout)}, container="earlier")
         assert hook(hook_bin, state).returncode == 0
-    before = tree(layout) if layout_there else None
+    before = snapshot(layout) if layout_there else None
     archives = {"data": image_args(layout),
                 "tarred": {"archive_to": f"{tmp_path}/out/{{id}}.tar", "method": "tar"}}  # fmt: skip
     bad = hook(hook_bin, image_state(tmp_path, ovl, archives, container="bad\udc80id"))
@@ -295,7 +296,8 @@ def test_a_container_id_that_is_not_utf8_fails_before_writing(hook_bin, make_ove
     assert "container id 'bad\\\\udc80id' is not valid UTF-8" in line, line
     assert "Traceback" not in bad.log and "codec" not in bad.log, bad.log
     if layout_there:
-        assert tree(layout) == before  # no orphan blob
+        assert before is not None
+        assert_same_tree(before, snapshot(layout), "the layout (no orphan blob)", bad.log)
     else:
         assert not layout.exists()
     assert [p.name.encode("utf-8", "surrogateescape") for p in (tmp_path / "out").iterdir()] == [

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trees
 from conftest import archive_annotations, is_root, state_json, write_bundle
 from engines import (
     FUSE_OVERLAYFS,
@@ -55,7 +55,7 @@ from engines import (
     runc_config,
     scratch_dir,
 )
-from test_archive import raw_member_names, read_members, snapshot
+from test_archive import raw_member_names, read_members
 from test_oci_image import (
     RUN_CHANGES,
     RUNS,
@@ -155,10 +155,6 @@ def without(tree: Tree, exclude: tuple[str, ...]) -> Tree:
     )
 
 
-def snapshot_without(root: Path, exclude: tuple[str, ...]) -> dict[str, dict]:
-    return {p: d for p, d in snapshot(root).items() if not is_excluded(p, exclude)}
-
-
 def list_host_root(root: Path) -> Tree:
     proc = run(["busybox", "sh", "-c", ROOT_LISTING, "sh", str(root)], env={"PATH": HOST_PATH})
     return parse_listing(proc.stdout)
@@ -183,10 +179,8 @@ def assert_root_changes_seen(view: Tree, diag: str) -> None:
 
 
 def assert_copy_is_upper(copy: Path, upper: Path, exclude: tuple[str, ...], diag: str) -> None:
-    want, have = snapshot_without(upper, exclude), snapshot(copy)
-    assert sorted(have) == sorted(want), diag
-    for rel in want:
-        assert have[rel] == want[rel], f"{rel}{diag}"
+    want = trees.snapshot(upper).without(lambda rel: is_excluded(rel, exclude))
+    trees.assert_same_tree(want, trees.snapshot(copy), "the copy", diag)
 
 
 # --- podman ---------------------------------------------------------------------------------
@@ -338,10 +332,10 @@ def test_podman_root_filesystem(scenario: Scenario, root_image: Path, hook_bin: 
         # copy: the upperdir, excluded paths aside.
         assert_copy_is_upper(out / "root", upper, PODMAN_EXCLUDE, diag)
         # The -v SRC:/vol:O volume, an overlay of its own.
-        vol = snapshot(out / "vol")
+        vol = trees.snapshot(out / "vol")
         assert (out / "vol" / "new.txt").read_text() == "vol\n", diag
         whiteout = vol["old.txt"]
-        assert whiteout["type"] == stat.S_IFCHR and whiteout["rdev"] == (0, 0), f"{vol}{diag}"
+        assert whiteout["type"] == "char" and whiteout["rdev"] == (0, 0), f"{vol.entries}{diag}"
         assert (src / "old.txt").exists() and not (src / "new.txt").exists(), diag
         # oci-layer: the image plus the layer is the root filesystem the container left.
         expected = without(seen, PODMAN_EXCLUDE)
@@ -370,7 +364,7 @@ def test_podman_root_filesystem(scenario: Scenario, root_image: Path, hook_bin: 
 
 def check_upper_entries(upper: Path, scenario: Scenario, diag: str) -> None:
     """The upperdir holds the container's changes and what podman made: nothing else."""
-    entries = {p for p in snapshot(upper) if p != "."}
+    entries = {p for p in trees.snapshot(upper).entries if p != "."}
     changes = {"new.txt", "etc", "etc/changed.txt", "etc/del.txt", "redo", "redo/fresh.txt",
                "opt", "opt/scratch", "opt/scratch/old.txt", "opt/scratch/tmp.txt"}  # fmt: skip
     made = {rel_of(p) for p in PODMAN_MADE} | {"run", "vol"}  # the image has neither dir
@@ -626,7 +620,8 @@ TAR_METHODS = {"tar": "tar", "tar.gz": "tar.gz", "tar.zst": "tar.zst", "oci-laye
 
 @pytest.fixture
 def data_overlay(make_overlay):
-    """/data changed: new files, a whiteout, an opaque dir, a nested dir to exclude."""
+    """/data changed: new files, a whiteout, an opaque dir, a nested dir to exclude, and
+    hardlinks (one of them to a file under it)."""
     require(is_root(), "needs root: mounts overlayfs")
     ovl = make_overlay("data")
     for d in ("cache/deep", "gone", "redo"):
@@ -645,6 +640,8 @@ def data_overlay(make_overlay):
     (m / "redo").mkdir()
     (m / "redo/fresh").write_text("fresh\n")
     (m / "cached.txt").write_text("a sibling whose name starts like an excluded dir\n")
+    os.link(m / "keep.txt", m / "redo/keep-link")  # a hardlink group kept whole
+    os.link(m / "cache/top", m / "top-link")  # one whose other name is excluded
     return ovl
 
 
@@ -665,10 +662,11 @@ def test_exclude_leaves_paths_out_of_every_method(data_overlay, run_hook, tmp_pa
     bundle = write_bundle(tmp_path / "bundle", [data_overlay.mount_entry()], annotations)
     result = run_hook(state_json(bundle))
     assert result.returncode == 0, result.stderr.decode()
-    upper = snapshot(data_overlay.upper)
-    assert {"cache/deep/new", "cache/deep/old", "cache/top", "gone"} <= upper.keys()
-    kept = {p for p in upper if not is_excluded(p, ("/cache", "/gone"))}
-    assert sorted(snapshot(out / "copy")) == sorted(kept)
+    upper = trees.snapshot(data_overlay.upper)
+    assert {"cache/deep/new", "cache/deep/old", "cache/top", "gone"} <= upper.entries.keys()
+    expected = upper.without(lambda rel: is_excluded(rel, ("/cache", "/gone")))
+    trees.assert_same_tree(expected, trees.snapshot(out / "copy"), "the copy")
+    kept = set(expected.entries)
     for method in TAR_METHODS:
         paths = member_paths(out / method, method)
         if method.startswith("oci-layer"):  # the opaque dir's marker, in image-spec's encoding
@@ -732,4 +730,4 @@ def test_root_of_an_overlay_mounted_at_root_path(data_overlay, run_hook, tmp_pat
     (bundle / "config.json").write_text(json.dumps(config))
     result = run_hook(state_json(bundle))
     assert result.returncode == 0, result.stderr.decode()
-    assert snapshot(out / "root") == snapshot_without(data_overlay.upper, ("/cache",))
+    assert_copy_is_upper(out / "root", data_overlay.upper, ("/cache",), "")
