@@ -49,7 +49,10 @@ from test_oci_layer import (
     read_log,
     require_tools,
 )
-from test_safety import HookRun, describe, finish, hook, mounted, small_tree, start_hook
+from test_safety import HookRun, finish, hook, mounted, small_tree, start_hook
+from trees import Tree as StrictTree
+from trees import dir_mtimes, seen_through
+from trees import snapshot as tree_snapshot
 
 pytestmark = requires_root
 
@@ -499,30 +502,12 @@ def test_300_podman_runs_each_see_what_the_last_left(loop_images: Path, hook_bin
             chain.result()
 
 
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry: its kind, mode, owner, content (checksum, link target, device), its
-    mtime to the nanosecond (not a directory's), user xattrs, and its hardlink group
-    (the first of its inode's names in the tree, where the tree holds two or more: an
-    overlay reports the lower inode's link count after a copy-up broke the link)."""
-    entries: dict[str, tuple] = {}
-    names: dict[int, list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            st = os.lstat(path)
-            mtime = None if stat.S_ISDIR(st.st_mode) else st.st_mtime_ns
-            xattrs = tuple(sorted((x, os.getxattr(path, x, follow_symlinks=False))
-                                  for x in os.listxattr(path, follow_symlinks=False)
-                                  if x.startswith("user.")))  # fmt: skip
-            entries[rel] = (*describe(path), mtime, xattrs)
-            if not stat.S_ISDIR(st.st_mode):
-                names.setdefault(st.st_ino, []).append(rel)
-    for group in names.values():
-        for rel in group:
-            entries[rel] += (min(group) if len(group) > 1 else None,)
-    return entries
+def snapshot(root: Path) -> StrictTree:
+    """tests/trees.py's strict description of the tree (owners, modes, content, nanosecond
+    mtimes, every xattr, devices, targets, hardlink groups), but for directories' mtimes:
+    an overlay's merged view shows the times of its upperdir's directories, which the
+    kernel sets as a run makes entries in them, not what the run left in the layer."""
+    return seen_through(tree_snapshot(root), (dir_mtimes,))
 
 
 def change_tree(merged: Path, n: int) -> None:
@@ -577,7 +562,7 @@ def unpacked(layout: Path, tag: str, work: Path) -> Path:
 
 
 def commit_over(hook_bin: Path, tmp_path: Path, layout: Path, rootfs: Path, n: int,
-                container: str, **args: str) -> tuple[HookRun, dict[str, tuple]]:  # fmt: skip
+                container: str, **args: str) -> tuple[HookRun, StrictTree]:  # fmt: skip
     """Container `container` (its upperdir kept between its runs) makes run n's changes
     in a real overlay on rootfs, then the hook commits them; what the run left."""
     ovl = Overlay(tmp_path / f"ovl-{container}")
@@ -623,7 +608,7 @@ def test_300_runs_each_mounting_the_last_revision(hook_bin, tmp_path):
     layout = tmp_path / "layout"
     build_oci_image(layout, "data", seed)
     base_layer = read_json_blob(layout, tagged(check_layout(layout), "data")[0])["layers"][0]
-    expected: dict[str, tuple] | None = None
+    expected: StrictTree | None = None
     for n in range(1, 301):
         rootfs = unpacked(layout, "data", tmp_path / "bundle")
         if expected is not None:

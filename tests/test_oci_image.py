@@ -69,7 +69,6 @@ from test_oci_layer import (
 from test_safety import (
     TMP_MARK,
     HookRun,
-    contents,
     finish,
     hook,
     mounted,
@@ -77,8 +76,8 @@ from test_safety import (
     small_tree,
     start_hook,
     tmpfs,  # noqa: F401 - a fixture
-    tree,
 )
+from trees import dir_mtimes, seen_through, snapshot
 
 pytestmark = requires_root
 
@@ -537,13 +536,13 @@ def test_bad_layout_fails_with_one_line_and_is_left_alone(hook_bin, make_overlay
     layout_with_revision(hook_bin, tmp_path, ovl, layout)
     spoil, words = BAD_LAYOUTS[case]
     spoil(layout)
-    before = tree(layout)
+    before = snapshot(layout)
     run = hook(hook_bin, image_state(tmp_path, ovl, {"data": image_args(layout)}))
     assert run.returncode == 1, run.log
     errors = [line for line in run.log.splitlines() if "level=error" in line]
     assert len(errors) == 1 and words in errors[0] and str(layout) in errors[0], run.log
     assert "archive=data" in errors[0] and "Traceback" not in run.log
-    assert tree(layout) == before
+    assert snapshot(layout) == before
 
 
 def test_named_base_in_a_layout_not_there_makes_nothing(hook_bin, make_overlay, tmp_path):
@@ -563,12 +562,12 @@ def test_named_base_that_is_missing_writes_nothing(hook_bin, make_overlay, tmp_p
     ovl = small_tree(make_overlay())
     layout = tmp_path / "layout"
     layout_with_revision(hook_bin, tmp_path, ovl, layout)
-    before = tree(layout)
+    before = snapshot(layout)
     archives = {"data": image_args(layout, image_base=base)}
     run = hook(hook_bin, image_state(tmp_path, ovl, archives))
     assert run.returncode == 1, run.log
     assert base in run.error_for("data")
-    assert tree(layout) == before
+    assert snapshot(layout) == before
 
 
 def test_full_disk_and_read_only_layout_are_left_alone(hook_bin, make_overlay, tmp_path, tmpfs):  # noqa: F811
@@ -582,7 +581,7 @@ def test_full_disk_and_read_only_layout_are_left_alone(hook_bin, make_overlay, t
     subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
     with mounted(ovl) as merged:
         random_files(merged, 3, 1 << 20)  # 3 MiB: more than the tmpfs holds
-    before = {path: contents(path) for path in (small, ro)}
+    before = {path: seen_through(snapshot(path), (dir_mtimes,)) for path in (small, ro)}
     archives = {"full": image_args(small / "layout"), "ro": image_args(ro / "layout")}
     run = hook(hook_bin, image_state(tmp_path, ovl, archives))
     assert run.returncode == 1, run.log
@@ -590,7 +589,7 @@ def test_full_disk_and_read_only_layout_are_left_alone(hook_bin, make_overlay, t
     assert "Read-only file system" in run.error_for("ro"), run.log
     assert len([line for line in run.log.splitlines() if "level=error" in line]) == 2, run.log
     assert "Traceback" not in run.log
-    assert {path: contents(path) for path in (small, ro)} == before
+    assert {path: seen_through(snapshot(path), (dir_mtimes,)) for path in (small, ro)} == before
 
 
 def test_allow_dir_applies_to_the_layout(hook_bin, make_overlay, tmp_path):

@@ -32,9 +32,7 @@ from trees import (
     Exemption,
     Tree,
     assert_same_tree,
-    describe_at,
     dir_mtimes,
-    seen_through,
     snapshot,
     tar_snapshot,
 )
@@ -158,23 +156,6 @@ def assert_archive_of(archive_to: Path, method: str, upper: Path) -> None:
     else:
         assert not archive_to.is_symlink() and archive_to.is_file(), archive_to
     assert_same_tree(snapshot(upper), archived(archive_to, method), f"{method} {archive_to}")
-
-
-# Kept for test_chains and test_oci_image (the lead folds those into tests/trees.py): the old
-# names of snapshot, of a snapshot but for directories' mtimes, and of one entry's description.
-tree = snapshot
-
-
-def contents(directory: Path) -> Tree:
-    return seen_through(snapshot(directory), (dir_mtimes,))
-
-
-def describe(path: Path) -> tuple:
-    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return tuple(describe_at(parent, path.name)[0].values())
-    finally:
-        os.close(parent)
 
 
 def assert_unchanged(before: Tree, path: Path, *but: Exemption, diag: str = "") -> None:
