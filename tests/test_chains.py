@@ -593,12 +593,13 @@ HAND_RUNS = 120
 
 
 def test_120_runs_each_mounting_the_last_revision(hook_bin, tmp_path):
-    """120 runs, image-max-layers=7 (112 merges; the 300-run chains are podman's): each run mounts the last revision (as umoci unpacks
-    it) under a real overlay, changes it, and the hook commits it; the next unpacking
-    equals what the run left, entry by entry; every revision stays within 7 layers with
-    its base image's layer first, and its history lists every run.  Past the first merges,
-    merged layers fill half the room, and merges take layers between merged ones (what
-    lies below them, merged layers included, decides the whiteouts kept)."""
+    """120 runs, image-max-layers=7 (112 merges; the 300-run chains are podman's): each
+    run mounts the last revision (as umoci unpacks it) under a real overlay, changes it,
+    and the hook commits it; the next unpacking equals what the run left, entry by entry;
+    every revision stays within 7 layers with its base image's layer first, and its
+    history lists every run.  Past the first merges, merged layers fill half the room, and
+    merges take layers between merged ones (what lies below them, merged layers included,
+    decides the whiteouts kept)."""
     seed = tmp_path / "seed"
     (seed / "keep").mkdir(parents=True)
     (seed / "keep" / "k").write_text("kept\n")
