@@ -111,7 +111,7 @@ def write_image(rootfs: Path) -> Path:
         (rootfs / name).write_text(text)
     # podman's bind-mount targets: runc 1.1.15 (Debian 13) makes a missing one with mknod,
     # which the fuse-overlayfs of NoMknodPodman refuses (the container would not start).
-    for name in ("etc/hostname", "etc/hosts", "etc/resolv.conf", "run/.containerenv"):
+    for name in ("etc/hostname", "etc/hosts", "run/.containerenv"):
         (rootfs / name).touch()
     return rootfs
 
