@@ -425,8 +425,8 @@ def wait_for_hook(log: Path, annotations: dict[str, str]) -> str:
 
     podman 4.3's `podman run` returns after the poststop hook ran. podman 5.4's, without
     `--rm`, may return before it: the cleanup process that conmon starts when the
-    container exits runs the hook, and neither `podman wait` nor the container's state
-    waits for it (README, podman 4 and 5). `--rm` and `podman rm` return after it.
+    container exits runs the hook, and `podman wait` does not always wait for it
+    (README, podman 4 and 5). `podman run --rm` returns after it.
     """
     deadline = time.monotonic() + HOOK_WAIT
     while True:
