@@ -3814,7 +3814,8 @@ PUSH_REF_RE = re.compile(
 )
 # What skopeo says, as the user needs to read it; the first found names the cause.
 PUSH_CAUSES = (
-    "unauthorized", "permission denied", "denied", "certificate signed by unknown authority",
+    "unauthorized", "authentication required", "permission denied", "denied",
+    "certificate signed by unknown authority",
     "certificate", "connection refused", "no such host", "i/o timeout", "no route to host",
     "server gave HTTP response to HTTPS client", "no space left on device", "manifest invalid",
     "blob unknown", "name unknown", "too many requests",

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -31,6 +32,7 @@ BUSYBOX_APPLETS = (
 ROOTFS_DIRS = ("bin", "dev", "proc", "sys", "tmp", "etc", "d1", "d2", "ro")
 CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TIMEOUT = 120
+HOOK_WAIT = 30  # seconds podman's cleanup may take to run the hook after `podman run`
 RUNROOT_MAX = 50
 TEST_USER = os.environ.get("ARCHIVE_OVERLAY_TEST_USER", "ao-rootless")
 
@@ -229,7 +231,7 @@ def ensure_fuse_device() -> None:
 # --- mounts -------------------------------------------------------------------------------
 
 
-def _unescape_mountinfo(field: str) -> str:
+def unescape_mountinfo(field: str) -> str:
     return field.encode().decode("unicode_escape")
 
 
@@ -238,7 +240,7 @@ def mounts_under(root: Path) -> list[str]:
     prefix = str(root)
     points = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = _unescape_mountinfo(line.split()[4])
+        point = unescape_mountinfo(line.split()[4])
         if point == prefix or point.startswith(prefix + "/"):
             points.append(point)
     return sorted(points, key=len, reverse=True)
@@ -415,6 +417,29 @@ class Podman:
         self("system", "reset", "--force", check=False)
         self._kill_own_pause(pause)
         remove_tree(self.root)
+
+
+def wait_for_hook(log: Path, annotations: dict[str, str]) -> str:
+    """The hook's log once it holds the outcome (written or failed) of each archive these
+    annotations ask for.
+
+    podman 4.3's `podman run` returns after the poststop hook ran. podman 5.4's, without
+    `--rm`, may return before it: the cleanup process that conmon starts when the
+    container exits runs the hook, and `podman wait` does not always wait for it
+    (README, podman 4 and 5). `podman run --rm` returns after it.
+    """
+    deadline = time.monotonic() + HOOK_WAIT
+    while True:
+        text = log.read_text() if log.exists() else ""
+        done = re.findall(r'event="archive (?:written|failed)" .*?\barchive=(\S+)', text)
+        pending = {key.split(".")[-2] for key in annotations if key.endswith(".archive-to")}
+        pending -= set(done)
+        if not pending:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no outcome for {sorted(pending)} {HOOK_WAIT} s after the "
+                                 f"container exited; hook log:\n{text or '(none)'}")  # fmt: skip
+        time.sleep(0.1)
 
 
 # --- runc -----------------------------------------------------------------------------------

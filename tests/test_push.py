@@ -123,13 +123,19 @@ def free_port() -> int:
 
 
 def make_ca_and_server_cert(root: Path, name: str = "ca") -> None:
-    """A CA made for the test and a server certificate for 127.0.0.1 signed by it."""
+    """A CA made for the test and a server certificate for 127.0.0.1 signed by it.
+
+    The CA states its key usage: Python 3.13's default context (VERIFY_X509_STRICT) refuses
+    a CA without it ("CA cert does not include key usage extension"), and openssl 3.5's
+    `req -x509` adds none by default."""
     key, crt = root / f"{name}.key", root / f"{name}.crt"
     run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(crt), "-days", "2", "-subj", f"/CN=archive_overlay test {name}"])  # fmt: skip
+         "-out", str(crt), "-days", "2", "-subj", f"/CN=archive_overlay test {name}",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"])  # fmt: skip
     run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(root / "server.key"),
          "-out", str(root / "server.csr"), "-subj", "/CN=127.0.0.1"])  # fmt: skip
-    (root / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    (root / "san.ext").write_text("subjectAltName=IP:127.0.0.1\nauthorityKeyIdentifier=keyid\n")
     run(["openssl", "x509", "-req", "-in", str(root / "server.csr"), "-CA", str(crt),
          "-CAkey", str(key), "-CAcreateserial", "-out", str(root / "server.crt"), "-days", "2",
          "-extfile", str(root / "san.ext")])  # fmt: skip
@@ -408,6 +414,15 @@ def auth_file(path: Path, host: str, password: str) -> Path:
     return path
 
 
+def refused_login() -> str:
+    """The cause skopeo names for credentials the registry refuses: skopeo 1.9.3 (Debian 12)
+    says `unauthorized`; skopeo 1.18 (Debian 13) asks first whether a blob is there and says
+    `authentication required`."""
+    found = re.search(r"(\d+)\.(\d+)", run(["skopeo", "--version"]).stdout)
+    version = (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+    return "unauthorized" if version < (1, 18) else "authentication required"
+
+
 def test_wrong_password_fails_with_unauthorized(hook_bin, make_overlay, tmp_path, registry):
     ovl = make_overlay()
     layout = tmp_path / "layout"
@@ -416,10 +431,10 @@ def test_wrong_password_fails_with_unauthorized(hook_bin, make_overlay, tmp_path
     wrong = auth_file(tmp_path / "wrong.json", registry.host, "not-the-password")
     change(ovl, 1)
     result = hook(hook_bin, state, "--auth-file", str(wrong))
-    committed_not_pushed(result, layout, ref, "unauthorized")
+    committed_not_pushed(result, layout, ref, refused_login())
     Path("/run/containers/0/auth.json").unlink()  # no credentials at all
     change(ovl, 2)
-    committed_not_pushed(hook(hook_bin, state), layout, ref, "unauthorized")
+    committed_not_pushed(hook(hook_bin, state), layout, ref, refused_login())
     right = auth_file(tmp_path / "right.json", registry.host, PASSWORD)
     change(ovl, 3)
     result = hook(hook_bin, state, "--auth-file", str(right))
@@ -603,9 +618,12 @@ def podman_login(podman: Podman, host: str) -> None:
     prefix = []
     if podman.user is not None:
         runtime_dir = Path(f"/run/user/{podman.user.uid}")  # /run is this test's overlay
-        runtime_dir.mkdir(mode=0o700)
+        runtime_dir.mkdir(mode=0o700, parents=True)  # no /run/user where no systemd made it
         os.chown(runtime_dir, podman.user.uid, podman.user.gid)
-        env["XDG_RUNTIME_DIR"] = str(runtime_dir)
+        # That session's default auth file, named: podman 5's login joins the user namespace
+        # of the pause process its XDG_RUNTIME_DIR holds, and this podman's is elsewhere.
+        env["XDG_RUNTIME_DIR"] = str(podman.root / "xdg")
+        cmd += ["--authfile", str(runtime_dir / "containers" / "auth.json")]
         prefix = ["runuser", "-u", podman.user.name, "--"]
     run([*prefix, "env", "-i", *[f"{k}={v}" for k, v in env.items()], *cmd], input=PASSWORD)
 
@@ -625,6 +643,7 @@ def test_podman_loop_pushes_each_revision_and_another_podman_pulls_it(
     key = "pl" if rootless else "pf"
     ref = f"{registry.host}/loop/data:{key}"
     with loop_podman(loop_images, key, hook_bin, user) as (podman, layout, log):
+        # After podman's first run: podman 5 would take login's XDG_RUNTIME_DIR as its own.
         Path("/run/containers/0/auth.json").unlink()  # podman login's, not the fixture's
         podman_login(podman, registry.host)
         views = []

@@ -48,12 +48,15 @@ from engines import (
     build_oci_image,
     ensure_fuse_device,
     ensure_user,
+    podman_version,
     remove_tree,
     require,
     run,
     run_readme_with_podman,
     runc_config,
     scratch_dir,
+    unescape_mountinfo,
+    wait_for_hook,
 )
 from test_archive import raw_member_names, read_members
 from test_oci_image import (
@@ -192,7 +195,7 @@ class Scenario:
     key: str  # its dir: podman's runroot must stay within 50 characters
     rootless: bool = False
     fuse: bool = False
-    commas: bool = False  # exclude given with commas, the annotation CSV-quoted
+    commas: bool = False  # exclude given with commas (podman 4.3: the annotation CSV-quoted)
     exclude: bool = True  # the commit-on-exit loop: with the README's exclude list
 
 
@@ -223,8 +226,10 @@ def root_image() -> Iterator[Path]:
         remove_tree(base)
 
 
-def annotation_flags(key: str, value: str, quoted: bool) -> list[str]:
-    # podman 4.3 splits an --annotation value at commas unless it is CSV-quoted
+def annotation_flags(key: str, value: str) -> list[str]:
+    """podman 4.3 splits an --annotation value at commas unless it is CSV-quoted; podman 5.4
+    takes the value as given, and would keep CSV quotes in the key and the value."""
+    quoted = "," in value and podman_version() < (5,)
     return ["--annotation", f'"{key}={value}"' if quoted else f"{key}={value}"]
 
 
@@ -237,10 +242,10 @@ def root_annotations(out: Path, exclude: tuple[str, ...], sep: str) -> dict[str,
     }  # fmt: skip
 
 
-def podman_flags(annotations: dict[str, str], quoted: bool) -> list[str]:
+def podman_flags(annotations: dict[str, str]) -> list[str]:
     flags = ["--network", "host", "--pull", "never"]
     for key, value in annotations.items():
-        flags += annotation_flags(key, value, quoted and "," in value)
+        flags += annotation_flags(key, value)
     return flags
 
 
@@ -266,6 +271,26 @@ def wait_gone(podman: Podman, name: str, path: str) -> None:
         time.sleep(0.1)
     state = podman("inspect", "--format", "{{.State.Status}}", name, check=False).stdout
     raise AssertionError(f"{path} still there 30 s after {name} exited ({state})")
+
+
+def mount_points(podman: Podman) -> set[str]:
+    """Mount points where the hook runs: rootless podman mounts in a namespace of its own."""
+    if podman.user is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    else:
+        mountinfo = podman("unshare", "cat", "/proc/self/mountinfo").stdout
+    return {unescape_mountinfo(line.split()[4]) for line in mountinfo.splitlines()}
+
+
+def wait_unmounted(podman: Podman, name: str, path: str) -> None:
+    """podman's cleanup, after the hook, unmounts the rootfs: podman 4.3 removes its
+    `merged` dir, podman 5.4 leaves it there, empty."""
+    for _ in range(300):
+        if not os.path.lexists(path) or path not in mount_points(podman):
+            return
+        time.sleep(0.1)
+    state = podman("inspect", "--format", "{{.State.Status}}", name, check=False).stdout
+    raise AssertionError(f"{path} still mounted 30 s after {name} exited ({state})")
 
 
 def hook_by_hand(podman: Podman, hook_bin: Path, log: Path, config: Path, bundle: Path,
@@ -317,11 +342,11 @@ def test_podman_root_filesystem(scenario: Scenario, root_image: Path, hook_bin: 
         }
         script = ROOT_CHANGES + VOL_CHANGES + ROOT_LISTING
         proc = podman("run", "--name", "c", "-v", f"{src}:/vol:O",
-                      *podman_flags(annotations, scenario.commas),
+                      *podman_flags(annotations),
                       BB_IMAGE, "sh", "-c", script, "sh", "/", check=False)  # fmt: skip
-        diag = (f"\n[{scenario.name}] podman exit {proc.returncode}, stderr:\n{proc.stderr}"
-                f"--- hook log:\n{read_log(log)}")  # fmt: skip
-        assert proc.returncode == 0, diag
+        diag = f"\n[{scenario.name}] podman exit {proc.returncode}, stderr:\n{proc.stderr}"
+        assert proc.returncode == 0, diag + f"--- hook log:\n{read_log(log)}"
+        diag += f"--- hook log:\n{wait_for_hook(log, annotations)}"
         seen = parse_listing(proc.stdout)
         assert_root_changes_seen(seen, diag)
         upper = Path(upperdir_in_log(read_log(log), "root"))
@@ -346,7 +371,7 @@ def test_podman_root_filesystem(scenario: Scenario, root_image: Path, hook_bin: 
         cid = podman("inspect", "--format", "{{.Id}}", "c").stdout.strip()
         config = podman.graphroot / "overlay-containers" / cid / "userdata" / "config.json"
         root_path = json.loads(config.read_text())["root"]["path"]
-        wait_gone(podman, "c", root_path)
+        wait_unmounted(podman, "c", root_path)
         wait_gone(podman, "c", upperdir_in_log(read_log(log), "vol"))  # only poststop has it
         assert Path(root_path).parent / "diff" == upper, f"{root_path} vs {upper}{diag}"
         hand_log = hand / "hook.log"
@@ -494,7 +519,7 @@ def commit_on_exit(podman: Podman, layout: Path, log: Path, n: int, views: list[
     if scenario.exclude:
         annotations |= archive_annotations("root", exclude=":".join(README_EXCLUDE))
     logged = len(read_log(log)) if log.exists() else 0
-    flags = [f for key, value in annotations.items() for f in annotation_flags(key, value, False)]
+    flags = [f for key, value in annotations.items() for f in annotation_flags(key, value)]
     proc = podman("run", "--rm", "--network", "none", "--pull", "never", *flags, image,
                   "sh", "-c", ROOT_LOOP, "sh", "/", str(n), check=False)  # fmt: skip
     hook_log = read_log(log)[logged:]

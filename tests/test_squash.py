@@ -143,8 +143,11 @@ class Chain:
             (run_dir / name).mkdir(parents=True)
         lowerdir = ":".join(reversed(self.lowers))
         options = [f"lowerdir={lowerdir}", f"upperdir={run_dir}/u", f"workdir={run_dir}/w"]
+        # util-linux 2.39+ (Debian 13) mounts with fsconfig(2), which refuses an option value
+        # of 256 bytes or more (a lowerdir of 40-odd layers); mount(2) takes a page of them.
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o", ",".join(options),
-                        str(run_dir / "m")], cwd=self.root, check=True)  # fmt: skip
+                        str(run_dir / "m")], cwd=self.root, check=True,
+                       env={**os.environ, "LIBMOUNT_FORCE_MOUNT2": "always"})  # fmt: skip
         try:
             run(["sh", "-c", 'set -e\ncd "$1"\n' + script, "sh", str(run_dir / "m")])
             annotations = archive_annotations(
