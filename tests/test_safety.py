@@ -21,7 +21,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -958,7 +958,13 @@ def test_a_symlink_swapped_in_after_the_check_is_refused_by_the_walk(hook_bin, m
                         "-e", "inject=openat:delay_enter=2000000",
                         str(hook_bin), *allow(places))  # fmt: skip
     try:
-        stopped_in(traced_child(strace), SYS_OPENAT, strace)
+        pid = traced_child(strace)
+
+        def opening_sub_in_allowed(args: list[int]) -> bool:  # openat(dirfd, path, flags)
+            dir_of = os.readlink(f"/proc/{pid}/fd/{args[0]}") if args[0] < 1 << 31 else ""
+            return dir_of == str(allowed) and bool(args[2] & os.O_NOFOLLOW)
+
+        stopped_in(pid, SYS_OPENAT, strace, at=opening_sub_in_allowed)
         sub.rmdir()
         os.symlink(places / "outside", sub)
     finally:
@@ -993,15 +999,18 @@ def traced_child(strace: subprocess.Popen, timeout: float = 10.0) -> int:
     pytest.fail("strace started no program")
 
 
-def stopped_in(pid: int, syscall: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Wait until the process is held at the entry of this system call."""
+def stopped_in(pid: int, syscall: int, proc: subprocess.Popen, timeout: float = 30.0,
+               at: Callable[[list[int]], bool] = lambda args: True) -> None:  # fmt: skip
+    """Wait until the process is held at the entry of this system call, with arguments
+    `at` accepts (another call of it held first is let go: strace's delay ends)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/syscall").read_text().split()[0] == str(syscall):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/syscall").read_text().split()
+            if fields[0] == str(syscall) and at([int(f, 16) for f in fields[1:7]]):
                 return
         time.sleep(0.01)
-    pytest.fail(f"pid {pid} never reached system call {syscall}")
+    pytest.fail(f"pid {pid} never reached system call {syscall} as asked")
 
 
 SYS_READLINK, SYS_OPENAT = 89, 257  # x86_64
