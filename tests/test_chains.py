@@ -151,31 +151,6 @@ def test_without_image_keep_nothing_is_removed(hook_bin, make_overlay, tmp_path)
     assert "layout collected" not in run.log and ("0" * 64) in blob_names(layout)
 
 
-@pytest.mark.parametrize(
-    ("value", "why"),
-    [("0", "1 or more"), ("-1", "1 or more"), ("two", "1 or more"), ("1.5", "1 or more")],
-)
-def test_bad_image_keep_fails_that_archive(hook_bin, make_overlay, tmp_path, value, why):
-    ovl = small_tree(make_overlay())
-    layout = tmp_path / "layout"
-    run = hook(hook_bin, image_state(tmp_path, ovl, {"data": image_args(layout, image_keep=value)}))
-    assert run.returncode == 1, run.log
-    line = run.error_for("data")
-    assert "image-keep" in line and why in line and "Traceback" not in run.log, line
-    assert not layout.exists()
-
-
-def test_image_keep_on_another_method_fails_that_archive(hook_bin, make_overlay, tmp_path):
-    ovl = small_tree(make_overlay())
-    out = tmp_path / "out.tar"
-    state = image_state(tmp_path, ovl, {"data": {"archive_to": str(out), "method": "tar",
-                                                 "image_keep": "3"}})  # fmt: skip
-    run = hook(hook_bin, state)
-    assert run.returncode == 1, run.log
-    assert "image-keep is only for oci-image" in run.error_for("data")
-    assert not out.exists()
-
-
 # --- the collector and the commits in flight -------------------------------------------------
 
 HOLD_LOCK = """import fcntl, os, sys
@@ -739,30 +714,39 @@ def test_a_base_with_too_many_layers_of_its_own_fails_before_writing(hook_bin, m
     assert hook(hook_bin, state).returncode == 0
 
 
-@pytest.mark.parametrize(
-    ("value", "words"),
-    [("1", "2 or more"), ("0", "2 or more"), ("x", "2 or more"), ("", "2 or more")],
-)
-def test_bad_image_max_layers_fails_that_archive(hook_bin, make_overlay, tmp_path, value, words):
+BAD_COUNTS = [("image_keep", v, "1 or more") for v in ("0", "-1", "two", "1.5")] + [
+    ("image_max_layers", v, "2 or more") for v in ("1", "0", "x", "")
+]
+
+
+@pytest.mark.parametrize(("arg", "value", "words"), BAD_COUNTS)
+def test_a_bad_count_fails_that_archive(hook_bin, make_overlay, tmp_path, arg, value, words):
+    """image-keep or image-max-layers not a count they take: one error line naming the
+    annotation, nothing written."""
     ovl = small_tree(make_overlay())
     layout = tmp_path / "layout"
-    state = image_state(tmp_path, ovl, {"data": image_args(layout, image_max_layers=value)})
+    state = image_state(tmp_path, ovl, {"data": image_args(layout, **{arg: value})})
     run = hook(hook_bin, state)
     assert run.returncode == 1, run.log
     line = run.error_for("data")
-    assert "image-max-layers" in line and words in line and "Traceback" not in run.log, line
+    name = arg.replace("_", "-")
+    assert name in line and words in line and "Traceback" not in run.log, line
     assert not layout.exists()
 
 
-def test_image_max_layers_on_another_method_fails_that_archive(hook_bin, make_overlay, tmp_path):
+@pytest.mark.parametrize(("arg", "method", "out"), [
+    ("image_keep", "tar", "out.tar"), ("image_max_layers", "oci-layer", "out.tar.gz"),
+])  # fmt: skip
+def test_a_count_on_another_method_fails_that_archive(hook_bin, make_overlay, tmp_path, arg,
+                                                      method, out):  # fmt: skip
     ovl = small_tree(make_overlay())
-    out = tmp_path / "out.tar.gz"
-    state = image_state(tmp_path, ovl, {"data": {"archive_to": str(out), "method": "oci-layer",
-                                                 "image_max_layers": "5"}})  # fmt: skip
+    archive_to = tmp_path / out
+    state = image_state(tmp_path, ovl, {"data": {"archive_to": str(archive_to), "method": method,
+                                                 arg: "3"}})  # fmt: skip
     run = hook(hook_bin, state)
     assert run.returncode == 1, run.log
-    assert "image-max-layers is only for oci-image" in run.error_for("data")
-    assert not out.exists()
+    assert f"{arg.replace('_', '-')} is only for oci-image" in run.error_for("data")
+    assert not archive_to.exists()
 
 
 def rewrite_revision(layout: Path, tag: str, change) -> None:
